@@ -1,0 +1,94 @@
+"""The conflict projection shared by PCGrad and Ortho-LoRA, computed in Gram space.
+
+For task ``i`` and a visiting order of the other tasks, whenever the running ``gᵢ`` conflicts with
+``gⱼ`` (``gᵢ·gⱼ < 0``) it is replaced by ``gᵢ − (gᵢ·gⱼ / ‖gⱼ‖²) gⱼ``. Every projected gradient stays a
+linear combination of the originals, ``gᵢ' = Σₖ Cᵢₖ gₖ``, so the whole procedure runs on the ``T×T``
+Gram matrix ``K = G Gᵀ``: ``gᵢ'·gⱼ = (C K)ᵢⱼ``. The sum of the projected gradients is then
+``Σᵢ gᵢ' = wᵀ G`` with ``w = 1ᵀ C``: two passes over ``G`` whatever ``T``.
+
+``reference="original"`` projects against the original ``gⱼ`` (PCGrad, Yu et al. 2020, Alg. 1);
+the rows of ``C`` are then independent and all tasks advance together, one partner per iteration.
+``reference="sequential"`` projects against the *current* ``gⱼ'`` of tasks already visited (the
+literal in-place reading of Ortho-LoRA's Algorithm 1), so tasks are processed one after another in
+the outer order.
+
+A zero ``gⱼ`` never triggers a projection (``gᵢ·gⱼ = 0`` is not a conflict), and the division is
+guarded so that no ``inf``/``nan`` appears even in the branch that is not taken.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["REFERENCES", "Reference", "others_in_order", "per_task_orders", "projection_weights"]
+
+Reference = Literal["original", "sequential"]
+REFERENCES: tuple[Reference, ...] = ("original", "sequential")
+
+
+def per_task_orders(tasks: int, generator: torch.Generator | None, *, shuffle: bool = True) -> Tensor:
+    """For every task, its own order of visiting the other tasks (PCGrad: ``Tensor[T, T−1]``, CPU).
+
+    With ``shuffle=False`` every task visits the others in index order.
+    """
+    index = torch.arange(tasks - 1)
+    others = index + (index.unsqueeze(0) >= torch.arange(tasks).unsqueeze(1)).long()
+    if not shuffle or tasks <= 2:
+        return others
+    keys = torch.rand(tasks, tasks - 1, generator=generator)
+    return others.gather(1, keys.argsort(dim=1))
+
+
+def others_in_order(order: Tensor) -> Tensor:
+    """Partners of each task under one shared order ``π``: row ``i`` is ``π`` without ``i`` (``Tensor[T, T−1]``).
+
+    Rows are indexed by task id (row ``i`` belongs to task ``i``), not by position in ``π``.
+    """
+    tasks = order.numel()
+    table = order.unsqueeze(0).expand(tasks, tasks)
+    keep = table != torch.arange(tasks).unsqueeze(1)
+    return table[keep].reshape(tasks, tasks - 1)
+
+
+def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference: Reference) -> Tensor:
+    """Task weights ``w`` such that ``wᵀ G`` is the sum of the conflict-projected task gradients.
+
+    Args:
+        gram: ``Tensor[..., T, T]``, the Gram matrix ``G Gᵀ`` (batched over leading dimensions).
+        partners: ``Tensor[T, T−1]``, row ``i`` lists the tasks task ``i`` is projected against, in order.
+        outer: ``Tensor[T]``, the order in which tasks are processed (only used by ``"sequential"``).
+        reference: ``"original"`` or ``"sequential"`` (see the module docstring).
+
+    Returns:
+        ``Tensor[..., T]``, the weights ``w = 1ᵀ C``.
+    """
+    tasks = gram.shape[-1]
+    coefficients = torch.eye(tasks, dtype=gram.dtype, device=gram.device).expand_as(gram).clone()
+    if tasks == 1:
+        return coefficients.sum(dim=-2)
+    if reference == "original":
+        partners = partners.to(gram.device)
+        eye = torch.eye(tasks, dtype=gram.dtype, device=gram.device)
+        diagonal = gram.diagonal(dim1=-2, dim2=-1)
+        for step in range(tasks - 1):
+            j = partners[:, step]
+            # dots[..., i] = gᵢ'·g_{j(i)} = Σₘ C[i, m] K[m, j(i)]
+            dots = (coefficients * gram[..., :, j].transpose(-1, -2)).sum(dim=-1)
+            norms = diagonal[..., j]
+            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            step_coef = torch.where(dots < 0, dots / safe, torch.zeros_like(dots))
+            coefficients = coefficients - step_coef.unsqueeze(-1) * eye[j]
+    else:
+        for i in outer.tolist():
+            for j in partners[i].tolist():
+                ci, cj = coefficients[..., i, :], coefficients[..., j, :]
+                kcj = (gram @ cj.unsqueeze(-1)).squeeze(-1)
+                dot = (ci * kcj).sum(dim=-1)
+                norm = (cj * kcj).sum(dim=-1)
+                safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+                coef = torch.where(dot < 0, dot / safe, torch.zeros_like(dot))
+                coefficients[..., i, :] = ci - coef.unsqueeze(-1) * cj
+    return coefficients.sum(dim=-2)
