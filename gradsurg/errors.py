@@ -18,6 +18,7 @@ __all__ = [
     "InvalidOptionError",
     "InvalidStateError",
     "MissingDependencyError",
+    "MissingUpdateError",
     "NoMatchingParametersError",
     "NonFiniteGradientError",
     "RegistrationError",
@@ -74,6 +75,10 @@ class IncompatibleGroupError(GradSurgError, ValueError):
 
 class InvalidStateError(GradSurgError, ValueError):
     """A state dict that does not belong to this Surgeon or strategy."""
+
+
+class MissingUpdateError(GradSurgError, RuntimeError):
+    """A strategy that needs the losses after the optimizer step did not get them (call ``surgeon.update``)."""
 
 
 class MissingDependencyError(GradSurgError, ImportError):

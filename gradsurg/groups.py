@@ -228,8 +228,7 @@ def by_pattern(model: nn.Module, patterns: Mapping[str, str | Sequence[str]] | S
                 f"by_pattern(): pattern {globs!r} for group {key!r} must match at least one trainable "
                 f"parameter; {detail}."
             )
-        groups.append(
-            ParamGroup(name=key, label=key, params=tuple(p for _, p in matched), meta={"names": tuple(n for n, _ in matched)})
-        )
+        names = tuple(n for n, _ in matched)
+        groups.append(ParamGroup(name=key, label=key, params=tuple(p for _, p in matched), meta={"names": names}))
     check_disjoint(groups)
     return groups

@@ -13,21 +13,23 @@ Typical loop::
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradsurg.diagnostics import GroupStats, StepStats, group_stats
 from gradsurg.errors import (
     IncompatibleGroupError,
     InvalidLossError,
     InvalidOptionError,
     InvalidStateError,
+    MissingUpdateError,
     NonFiniteGradientError,
 )
 from gradsurg.groups import ParamGroup, check_disjoint
-from gradsurg.strategies.base import Context, Requirement, Strategy, check_finite
+from gradsurg.strategies.base import Context, Need, Requirement, Strategy, check_finite
 from gradsurg.strategies.registry import resolve_strategy
 
 __all__ = ["Surgeon"]
@@ -40,6 +42,13 @@ _STATE_FORMAT = "gradsurg.Surgeon/1"
 class _Losses:
     names: list[str]
     tensors: list[Tensor]
+
+
+@dataclass
+class _Step:
+    updates: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, GroupStats] = field(default_factory=dict)
 
 
 class Surgeon:
@@ -55,7 +64,11 @@ class Surgeon:
         seed: Seed of the Surgeon's own ``torch.Generator``, the only source of randomness (e.g.
             PCGrad's task order). ``None`` draws a random seed. Same seed and same inputs give
             bit-identical results; the generator is saved by :meth:`state_dict`.
+        tasks: The number of tasks or their names. Needed up front only by strategies with
+            learnable parameters (so that :meth:`parameters` can be handed to an optimizer before
+            the first step); when given, every step must have exactly these tasks.
         check_finite: Refuse a step whose task gradients hold NaN or Inf (one device sync per step).
+        collect_stats: Record conflict statistics of every step in :attr:`last_stats`.
 
     Semantics:
         * Per group, the strategy's direction is **added** to ``.grad`` like ``loss.backward()`` does,
@@ -80,7 +93,9 @@ class Surgeon:
         strategy: StrategySpec | Mapping[str, StrategySpec],
         *,
         seed: int | None = None,
+        tasks: int | Sequence[str] | None = None,
         check_finite: bool = True,
+        collect_stats: bool = True,
     ) -> None:
         group_list = [groups] if isinstance(groups, ParamGroup) else list(groups)
         if not group_list:
@@ -89,6 +104,8 @@ class Surgeon:
         self._groups: tuple[ParamGroup, ...] = tuple(group_list)
         self._strategies: dict[str, Strategy] = _assign_strategies(self._groups, strategy)
         self._check_finite = bool(check_finite)
+        self._collect_stats = bool(collect_stats)
+        self._last_stats: StepStats | None = None
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
@@ -98,6 +115,22 @@ class Surgeon:
             raise InvalidOptionError(f"Surgeon `seed` must be an int or None; found seed={seed!r}.")
         self._steps = 0
         self._group_param_ids = {id(p) for g in self._groups for p in g.params}
+        self._tasks = _check_tasks(tasks)
+        self._state: dict[str, dict[str, Any]] = {}
+        self._params: dict[int, nn.ParameterDict] = {}
+        self._last_losses: Tensor | None = None
+        self._awaiting_update = False
+        learners = [s for s in self._unique_strategies() if Need.PARAMS in s.needs]
+        if learners and self._tasks is None:
+            raise InvalidOptionError(
+                f"Surgeon `tasks` must be given (a count or the task names) when a strategy has learnable "
+                f"parameters ({', '.join(repr(s) for s in learners)}), so that surgeon.parameters() can be "
+                "handed to an optimizer before the first step; found tasks=None."
+            )
+        for strategy in learners:
+            assert self._tasks is not None
+            initial = strategy.init_params(len(self._tasks))
+            self._params[id(strategy)] = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in initial.items()})
 
     # ------------------------------------------------------------------ properties
     @property
@@ -114,6 +147,14 @@ class Surgeon:
     def steps(self) -> int:
         """Number of completed :meth:`backward` calls."""
         return self._steps
+
+    @property
+    def last_stats(self) -> StepStats | None:
+        """Conflict statistics of the last completed step (see :mod:`gradsurg.diagnostics`).
+
+        ``None`` before the first step, or when the Surgeon was built with ``collect_stats=False``.
+        """
+        return self._last_stats
 
     def __repr__(self) -> str:
         kinds = sorted({repr(s) for s in self._strategies.values()})
@@ -134,17 +175,71 @@ class Surgeon:
             NonFiniteGradientError: A task gradient holds NaN or Inf (names the task and group).
         """
         task_losses = _check_losses(losses)
+        self._check_step_tasks(task_losses.names)
         inputs, group_slots = self._inputs(task_losses.tensors)
         per_task = self._task_gradients(task_losses.tensors, inputs)
-        state_before = self._generator.get_state()
+        values = torch.stack([loss.detach().reshape(()) for loss in task_losses.tensors])
+        generator_before = self._generator.get_state()
         try:
-            updates = self._combine(task_losses.names, inputs, group_slots, per_task)
+            step = self._combine(task_losses.names, values, inputs, group_slots, per_task)
         except BaseException:
-            self._generator.set_state(state_before)
+            self._generator.set_state(generator_before)
             raise
-        for param, update in updates:
+        for param, update in step.updates:
             _accumulate(param, update)
+        self._state.update(step.states)
+        if self._collect_stats:
+            self._last_stats = StepStats(step=self._steps, tasks=tuple(task_losses.names), groups=step.stats)
+        self._last_losses = values
+        self._awaiting_update = any(Need.POST_STEP_LOSSES in s.needs for s in self._unique_strategies())
         self._steps += 1
+
+    def update(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> None:
+        """Give the task losses measured after ``optimizer.step()`` to strategies that need them (FAMO).
+
+        Call it once per step, after the optimizer step, with the losses of the same batches
+        re-evaluated under the new parameters (under ``torch.no_grad()`` is fine).
+
+        Raises:
+            MissingUpdateError: No :meth:`backward` happened since the last update.
+            InvalidLossError: The losses are malformed or their count differs from the step's.
+        """
+        if self._last_losses is None or not self._awaiting_update:
+            raise MissingUpdateError(
+                "surgeon.update(losses) must follow surgeon.backward(losses) and optimizer.step(), once per "
+                "step, and only for strategies that need the post-step losses; found no pending step."
+            )
+        task_losses = _check_losses(losses, need_grad=False)
+        after = torch.stack([loss.detach().reshape(()) for loss in task_losses.tensors]).to(self._last_losses)
+        if after.shape != self._last_losses.shape:
+            raise InvalidLossError(
+                f"surgeon.update() needs one loss per task, {self._last_losses.numel()}; found {after.numel()}."
+            )
+        self._state.update(
+            {
+                g.name: self._strategies[g.name].after_step(self._state.get(g.name, {}), self._last_losses, after)
+                for g in self._groups
+                if Need.POST_STEP_LOSSES in self._strategies[g.name].needs
+            }
+        )
+        self._awaiting_update = False
+
+    def _unique_strategies(self) -> list[Strategy]:
+        unique: dict[int, Strategy] = {}
+        for strategy in self._strategies.values():
+            unique.setdefault(id(strategy), strategy)
+        return list(unique.values())
+
+    def _check_step_tasks(self, names: list[str]) -> None:
+        if self._awaiting_update:
+            raise MissingUpdateError(
+                "A strategy of this Surgeon needs the losses after each optimizer step: call "
+                "surgeon.update(losses_after_step) after optimizer.step() and before the next surgeon.backward()."
+            )
+        if self._tasks is not None and len(names) != len(self._tasks):
+            raise InvalidLossError(
+                f"`losses` must hold one loss per task, {len(self._tasks)} as given by `tasks`; found {len(names)}."
+            )
 
     def _inputs(self, losses: list[Tensor]) -> tuple[list[Tensor], list[list[int | None]]]:
         """The leaves to differentiate: reached group parameters first, then other reached leaves.
@@ -181,11 +276,12 @@ class Surgeon:
     def _combine(
         self,
         names: list[str],
+        losses: Tensor,
         inputs: list[Tensor],
         group_slots: list[list[int | None]],
         per_task: list[tuple[Tensor | None, ...]],
-    ) -> list[tuple[Tensor, Tensor]]:
-        """All ``(parameter, update)`` pairs of the step, computed before anything is written."""
+    ) -> _Step:
+        """Everything the step writes (updates, new states, statistics), computed before anything is written."""
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
         work: list[tuple[ParamGroup, list[Tensor], Tensor]] = []
         for group, slots in zip(self._groups, group_slots):
@@ -196,23 +292,42 @@ class Surgeon:
         first_ungrouped = sum(s is not None for slots in group_slots for s in slots)
         ungrouped: list[tuple[Tensor, list[Tensor]]] = []
         for index in range(first_ungrouped, len(inputs)):
-            task_grads = [g[index] for g in per_task if g[index] is not None]
-            if task_grads:
+            if any(g[index] is not None for g in per_task):
                 ungrouped.append((inputs[index], [_dense(g[index], inputs[index]) for g in per_task]))
         if self._check_finite:
             _check_all_finite(names, work, ungrouped)
 
-        updates: list[tuple[Tensor, Tensor]] = []
+        step = _Step()
+        objectives: dict[int, list[Tensor]] = {}
         for group, params, matrix in work:
-            context = Context(generator=torch.Generator().manual_seed(step_seed), group=group)
-            direction = self._strategies[group.name]._combine(matrix, context)
+            strategy = self._strategies[group.name]
+            learnable = self._params.get(id(strategy))
+            context = Context(
+                generator=torch.Generator().manual_seed(step_seed),
+                group=group,
+                losses=losses,
+                state=self._state.get(group.name) or strategy.init_state(len(names), device=matrix.device),
+                params=dict(learnable.items()) if learnable is not None else {},
+                step=self._steps,
+            )
+            output = strategy.apply(matrix, context)
+            direction = output.direction
+            step.states[group.name] = dict(output.state)
+            if output.objective is not None and learnable is not None:
+                objectives.setdefault(id(strategy), []).append(output.objective)
+            if self._collect_stats:
+                step.stats[group.name] = group_stats(matrix, direction)
             offset = 0
             for p in params:
-                updates.append((p, direction[offset : offset + p.numel()].view_as(p)))
+                step.updates.append((p, direction[offset : offset + p.numel()].view_as(p)))
                 offset += p.numel()
-        for param, task_grads in ungrouped:
-            updates.append((param, torch.stack(task_grads).sum(dim=0)))
-        return updates
+        for param, dense_grads in ungrouped:
+            step.updates.append((param, torch.stack(dense_grads).sum(dim=0)))
+        for key, terms in objectives.items():
+            learnable_params = list(self._params[key].values())
+            grads = torch.autograd.grad(torch.stack(terms).mean(), learnable_params, allow_unused=True)
+            step.updates.extend((p, g) for p, g in zip(learnable_params, grads) if g is not None)
+        return step
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -223,6 +338,10 @@ class Surgeon:
             "generator": self._generator.get_state(),
             "groups": [g.name for g in self._groups],
             "strategies": {name: repr(s) for name, s in self._strategies.items()},
+            "state": {name: dict(state) for name, state in self._state.items()},
+            "params": [{k: p.detach().clone() for k, p in self._params[id(s)].items()} for s in self._learners()],
+            "last_losses": self._last_losses,
+            "awaiting_update": self._awaiting_update,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -243,12 +362,33 @@ class Surgeon:
         generator_state = state["generator"]
         if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.uint8:
             raise InvalidStateError("Surgeon state `generator` must be a uint8 tensor from Generator.get_state().")
+        saved_params = list(state.get("params", []))
+        learners = self._learners()
+        if len(saved_params) != len(learners):
+            raise InvalidStateError(
+                f"Surgeon state must hold the learnable parameters of {len(learners)} strategies; "
+                f"found {len(saved_params)}."
+            )
         self._generator.set_state(generator_state.clone())
         self._steps = int(state["steps"])
+        self._state = {name: dict(value) for name, value in state.get("state", {}).items()}
+        with torch.no_grad():
+            for strategy, values in zip(learners, saved_params):
+                for key, param in self._params[id(strategy)].items():
+                    param.copy_(values[key])
+        self._last_losses = state.get("last_losses")
+        self._awaiting_update = bool(state.get("awaiting_update", False))
+
+    def _learners(self) -> list[Strategy]:
+        return [s for s in self._unique_strategies() if id(s) in self._params]
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """Learnable parameters of the strategies (none for the built-in gradient strategies)."""
-        return iter(())
+        """Learnable parameters of the strategies (e.g. uncertainty weights): hand them to an optimizer.
+
+        Empty for strategies without learnable parameters.
+        """
+        for strategy in self._learners():
+            yield from self._params[id(strategy)].values()
 
 
 def _assign_strategies(
@@ -292,7 +432,21 @@ def _check_requirements(strategy: Strategy, group: ParamGroup) -> None:
         )
 
 
-def _check_losses(losses: Sequence[Tensor] | Mapping[str, Tensor]) -> _Losses:
+def _check_tasks(tasks: int | Sequence[str] | None) -> tuple[str, ...] | None:
+    if tasks is None:
+        return None
+    if isinstance(tasks, int) and not isinstance(tasks, bool):
+        if tasks < 1:
+            raise InvalidOptionError(f"Surgeon `tasks` must be ≥ 1; found tasks={tasks}.")
+        return tuple(str(i) for i in range(tasks))
+    if isinstance(tasks, Sequence) and not isinstance(tasks, str) and tasks and all(isinstance(t, str) for t in tasks):
+        return tuple(tasks)
+    raise InvalidOptionError(
+        f"Surgeon `tasks` must be a positive int or a non-empty sequence of task names; found tasks={tasks!r}."
+    )
+
+
+def _check_losses(losses: Sequence[Tensor] | Mapping[str, Tensor], *, need_grad: bool = True) -> _Losses:
     if isinstance(losses, Mapping):
         names = [str(k) for k in losses]
         tensors = list(losses.values())
@@ -320,7 +474,7 @@ def _check_losses(losses: Sequence[Tensor] | Mapping[str, Tensor]) -> _Losses:
             )
         if not loss.is_floating_point():
             raise InvalidLossError(f"The loss of task {name!r} must be floating point; found dtype {loss.dtype}.")
-        if not loss.requires_grad:
+        if need_grad and not loss.requires_grad:
             raise InvalidLossError(
                 f"The loss of task {name!r} must require grad (be computed from trainable parameters); "
                 "it does not. Was it computed under torch.no_grad() or from detached tensors?"

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gradsurg.errors import InvalidGradientError, InvalidOptionError, NonFiniteGradientError
+from gradsurg.errors import InvalidGradientError, InvalidLossError, InvalidOptionError, NonFiniteGradientError
 from gradsurg.groups import ParamGroup
 
-__all__ = ["Context", "GramStrategy", "Property", "Requirement", "Strategy"]
+__all__ = ["Context", "GramStrategy", "Need", "Output", "Property", "Requirement", "Strategy"]
 
 
 class Property:
@@ -77,6 +77,32 @@ class Requirement:
     ALL: ClassVar[frozenset[str]] = frozenset({LORA_FACTOR_GROUPS})
 
 
+class Need:
+    """Names of what a strategy needs from its caller besides the gradient matrix.
+
+    The :class:`~gradsurg.Surgeon` reads a strategy's ``needs`` and provides each of them; a direct
+    call of a strategy that lacks one raises an error naming the argument to pass.
+
+    Attributes:
+        LOSSES: the step's task losses (detached), ``Context.losses``.
+        STATE: state carried from step to step (EMA, warm starts, loss history), ``Context.state``,
+            created by :meth:`Strategy.init_state` and checkpointed by the Surgeon.
+        PARAMS: learnable parameters (e.g. uncertainty weights), created by
+            :meth:`Strategy.init_params`; the Surgeon owns them (``surgeon.parameters()``), passes them
+            in ``Context.params`` and writes to their ``.grad`` the gradient of the ``objective``
+            that :meth:`Strategy.apply` returns (averaged over the groups that share the strategy).
+        POST_STEP_LOSSES: the task losses after the optimizer step, given through
+            ``surgeon.update(losses)``, which calls :meth:`Strategy.after_step`.
+    """
+
+    LOSSES = "losses"
+    STATE = "state"
+    PARAMS = "params"
+    POST_STEP_LOSSES = "post_step_losses"
+
+    ALL: ClassVar[frozenset[str]] = frozenset({LOSSES, STATE, PARAMS, POST_STEP_LOSSES})
+
+
 @dataclass(frozen=True)
 class Context:
     """What the caller supplies besides the gradients for one strategy call.
@@ -84,10 +110,19 @@ class Context:
     Attributes:
         generator: Source of randomness (e.g. PCGrad's task order). ``None`` means the global RNG.
         group: The group the gradients belong to, if any (for messages and structural checks).
+        losses: ``Tensor[T]``, the step's task losses, detached (for strategies that need them).
+        state: The state of this strategy for this group before the step (never mutate it: return
+            the new state from :meth:`Strategy.apply`).
+        params: The learnable parameters of the strategy (for strategies that need them).
+        step: Index of the step (0 for the first).
     """
 
     generator: torch.Generator | None = None
     group: ParamGroup | None = None
+    losses: Tensor | None = None
+    state: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Tensor] = field(default_factory=dict)
+    step: int = 0
 
     @property
     def where(self) -> str:
@@ -103,7 +138,12 @@ class Strategy(abc.ABC):
     * ``summary`` — one line (defaults to the first line of the docstring);
     * ``paper`` — the reference: title, venue, arXiv link;
     * ``properties`` — a subset of :class:`Property` names the conformance tests check;
-    * ``requires`` — a subset of :class:`Requirement` names the Surgeon checks on the groups.
+    * ``requires`` — a subset of :class:`Requirement` names the Surgeon checks on the groups;
+    * ``needs`` — a subset of :class:`Need` names: what the caller must provide besides gradients.
+
+    Stateless gradient strategies implement :meth:`_combine` only. Strategies that need state,
+    losses or learnable parameters override :meth:`apply` (and :meth:`init_state`,
+    :meth:`init_params`, :meth:`param_objective`, :meth:`after_step` as needed).
 
     Options are keyword-only arguments of ``__init__``; call :meth:`_set_options` with them so that
     ``repr`` and :attr:`options` show them.
@@ -114,6 +154,7 @@ class Strategy(abc.ABC):
     paper: ClassVar[str] = ""
     properties: ClassVar[frozenset[str]] = frozenset()
     requires: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     _options: dict[str, Any]
 
@@ -139,20 +180,29 @@ class Strategy(abc.ABC):
         return f"{type(self).__name__}({args})"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._options == other._options  # type: ignore[attr-defined]
+        return isinstance(other, Strategy) and type(self) is type(other) and self._options == other._options
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted((k, repr(v)) for k, v in self._options.items()))))
 
     def __call__(
-        self, grads: Tensor, *, generator: torch.Generator | None = None, group: ParamGroup | None = None
+        self,
+        grads: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        group: ParamGroup | None = None,
+        losses: Tensor | None = None,
     ) -> Tensor:
         """Combine the per-task gradients of one group into one direction.
+
+        A direct call is stateless: a stateful strategy starts from :meth:`init_state` every time
+        (use a :class:`~gradsurg.Surgeon`, or :meth:`apply` with your own state, to carry state).
 
         Args:
             grads: ``Tensor[T, n]``, one row per task, floating point, finite, ``T ≥ 1``.
             generator: Randomness for randomized strategies (ignored by deterministic ones).
             group: The group the gradients belong to (used in messages).
+            losses: ``Tensor[T]``, the task losses, for strategies whose ``needs`` include ``"losses"``.
 
         Returns:
             ``Tensor[n]`` with the dtype and device of ``grads``. ``grads`` is not modified.
@@ -160,15 +210,71 @@ class Strategy(abc.ABC):
         Raises:
             InvalidGradientError: ``grads`` is not a 2-D floating-point tensor with at least one row.
             NonFiniteGradientError: a row holds NaN or Inf.
+            InvalidLossError: the strategy needs losses and none (or the wrong number) were given.
         """
         context = Context(generator=generator, group=group)
         check_grads(grads, context)
         check_finite(grads, context)
-        return self._combine(grads, context)
+        tasks = grads.shape[0]
+        context = Context(
+            generator=generator,
+            group=group,
+            losses=self._checked_losses(losses, tasks, context),
+            state=self.init_state(tasks, device=grads.device),
+            params=self.init_params(tasks) if Need.PARAMS in self.needs else {},
+        )
+        return self.apply(grads, context).direction
+
+    def _checked_losses(self, losses: Tensor | None, tasks: int, context: Context) -> Tensor | None:
+        if Need.LOSSES not in self.needs:
+            return losses
+        if losses is None:
+            raise InvalidLossError(
+                f"Strategy {self.name or type(self).__name__!r} needs the task losses{context.where}: "
+                "pass losses=Tensor[T] (a Surgeon passes them automatically)."
+            )
+        losses = torch.as_tensor(losses)
+        if losses.shape != (tasks,):
+            raise InvalidLossError(
+                f"`losses` must have one entry per task, shape ({tasks},); found shape {tuple(losses.shape)}."
+            )
+        return losses.detach()
+
+    def apply(self, grads: Tensor, context: Context) -> Output:
+        """One step on validated ``grads``: the direction and the new state (default: unchanged)."""
+        return Output(direction=self._combine(grads, context), state=context.state)
 
     @abc.abstractmethod
     def _combine(self, grads: Tensor, context: Context) -> Tensor:
         """Return the direction for validated ``grads`` (``Tensor[T, n]``)."""
+
+    def init_state(self, tasks: int, *, device: torch.device) -> dict[str, Any]:
+        """The state before the first step, for ``tasks`` tasks (stateless strategies: empty)."""
+        return {}
+
+    def init_params(self, tasks: int) -> dict[str, Tensor]:
+        """Initial values of the learnable parameters, for ``tasks`` tasks (default: none)."""
+        return {}
+
+    def after_step(self, state: Mapping[str, Any], losses_before: Tensor, losses_after: Tensor) -> dict[str, Any]:
+        """The new state once the losses after the optimizer step are known (default: unchanged)."""
+        return dict(state)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Result of :meth:`Strategy.apply`.
+
+    Attributes:
+        direction: ``Tensor[n]``, the update direction.
+        state: The strategy's state after the step (the same mapping when unchanged).
+        objective: For strategies with learnable parameters, a scalar built with autograd from
+            ``Context.params``; its gradient is written to the parameters' ``.grad``.
+    """
+
+    direction: Tensor
+    state: Mapping[str, Any]
+    objective: Tensor | None = None
 
 
 class GramStrategy(Strategy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice, check_option
 from gradsurg.strategies.registry import register_strategy
 from gradsurg.strategies.solvers import minimize_on_simplex
@@ -107,7 +108,7 @@ class CAGrad(GramStrategy):
         def gradient(point: Tensor) -> Tensor:
             kw = (k @ point.unsqueeze(-1)).squeeze(-1)
             length = (point * kw).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
-            return b + phi * kw / torch.where(length > 0, length, torch.ones_like(length))
+            return b + phi * safe_divide(kw, length)
 
         start = torch.full(gram.shape[:-1], 1.0 / tasks, dtype=gram.dtype, device=gram.device)
         steps = torch.logspace(-4, 2, 13, dtype=gram.dtype)
@@ -118,7 +119,7 @@ class CAGrad(GramStrategy):
         w = self.dual_weights(gram)
         g0_norm = gram.mean(dim=(-2, -1)).clamp_min(0).sqrt().unsqueeze(-1)
         gw_norm = ((gram @ w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
-        lam = torch.where(gw_norm > 0, self.c * g0_norm / torch.where(gw_norm > 0, gw_norm, 1.0), 0.0)
+        lam = safe_divide(self.c * g0_norm, gw_norm)
         weights = 1.0 / tasks + lam * w
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         multiplier = float(tasks) if self.scale == "sum" else 1.0

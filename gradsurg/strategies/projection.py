@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gradsurg._math import safe_divide
+
 __all__ = ["REFERENCES", "Reference", "others_in_order", "per_task_orders", "projection_weights"]
 
 Reference = Literal["original", "sequential"]
@@ -78,8 +80,7 @@ def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference:
             # dots[..., i] = gᵢ'·g_{j(i)} = Σₘ C[i, m] K[m, j(i)]
             dots = (coefficients * gram[..., :, j].transpose(-1, -2)).sum(dim=-1)
             norms = diagonal[..., j]
-            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-            step_coef = torch.where(dots < 0, dots / safe, torch.zeros_like(dots))
+            step_coef = safe_divide(dots.clamp_max(0), norms)
             coefficients = coefficients - step_coef.unsqueeze(-1) * eye[j]
     else:
         for i in outer.tolist():
@@ -88,7 +89,6 @@ def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference:
                 kcj = (gram @ cj.unsqueeze(-1)).squeeze(-1)
                 dot = (ci * kcj).sum(dim=-1)
                 norm = (cj * kcj).sum(dim=-1)
-                safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-                coef = torch.where(dot < 0, dot / safe, torch.zeros_like(dot))
+                coef = safe_divide(dot.clamp_max(0), norm)
                 coefficients[..., i, :] = ci - coef.unsqueeze(-1) * cj
     return coefficients.sum(dim=-2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gradsurg.errors import GradSurgWarning, InvalidOptionError, RegistrationError, UnknownStrategyError
-from gradsurg.strategies.base import Property, Requirement, Strategy
+from gradsurg.strategies.base import Need, Property, Requirement, Strategy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -47,6 +47,8 @@ class StrategyInfo:
         reference: The paper, with its arXiv link.
         properties: The :class:`~gradsurg.strategies.base.Property` names the strategy guarantees.
         requires: The :class:`~gradsurg.strategies.base.Requirement` names it needs from groups.
+        needs: The :class:`~gradsurg.strategies.base.Need` names it needs from its caller (losses,
+            state, learnable parameters, post-step losses).
         aliases: Other names that resolve to it.
     """
 
@@ -56,6 +58,7 @@ class StrategyInfo:
     reference: str
     properties: frozenset[str]
     requires: frozenset[str]
+    needs: frozenset[str] = frozenset()
     aliases: tuple[str, ...] = ()
 
 
@@ -119,6 +122,11 @@ def register_strategy(
             raise RegistrationError(
                 f"Strategy {name!r} declares unknown requirements {sorted(unknown)}; known: {sorted(Requirement.ALL)}."
             )
+        unknown = set(cls.needs) - Need.ALL
+        if unknown:
+            raise RegistrationError(
+                f"Strategy {name!r} declares unknown needs {sorted(unknown)}; known: {sorted(Need.ALL)}."
+            )
         for taken in (canonical, *alias_names):
             holder = _REGISTRY.get(taken) or _REGISTRY.get(_ALIASES.get(taken, ""))
             if holder is not None and not (replace and holder.name == canonical):
@@ -133,6 +141,7 @@ def register_strategy(
             reference=cls.paper,
             properties=frozenset(cls.properties),
             requires=frozenset(cls.requires),
+            needs=frozenset(cls.needs),
             aliases=alias_names,
         )
         type.__setattr__(cls, "name", canonical)
@@ -158,9 +167,9 @@ def _load_plugins() -> None:
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry_point.load()
-            if isinstance(loaded, type) and issubclass(loaded, Strategy):
-                if not any(info.cls is loaded for info in _REGISTRY.values()):
-                    register_strategy(entry_point.name)(loaded)
+            is_strategy = isinstance(loaded, type) and issubclass(loaded, Strategy)
+            if is_strategy and not any(info.cls is loaded for info in _REGISTRY.values()):
+                register_strategy(entry_point.name)(loaded)
         except Exception as exc:  # a broken plugin must not break gradsurg
             warnings.warn(
                 f"Strategy plugin {entry_point.name!r} ({entry_point.value}) could not be loaded and is skipped: "
