@@ -10,7 +10,7 @@ group's per-task gradients into one direction, and write it into ``.grad`` for a
     optimizer.step()
 """
 
-from gradsurg import adapters, groups, strategies
+from gradsurg import adapters, diagnostics, groups, strategies
 from gradsurg.errors import (
     GradSurgError,
     GradSurgWarning,
@@ -21,6 +21,7 @@ from gradsurg.errors import (
     InvalidOptionError,
     InvalidStateError,
     MissingDependencyError,
+    MissingUpdateError,
     NoMatchingParametersError,
     NonFiniteGradientError,
     RegistrationError,
@@ -29,6 +30,8 @@ from gradsurg.errors import (
 from gradsurg.groups import ParamGroup
 from gradsurg.strategies import (
     GramStrategy,
+    Need,
+    Output,
     Property,
     Requirement,
     Strategy,
@@ -53,8 +56,11 @@ __all__ = [
     "InvalidOptionError",
     "InvalidStateError",
     "MissingDependencyError",
+    "MissingUpdateError",
+    "Need",
     "NoMatchingParametersError",
     "NonFiniteGradientError",
+    "Output",
     "ParamGroup",
     "Property",
     "RegistrationError",
@@ -65,6 +71,7 @@ __all__ = [
     "UnknownStrategyError",
     "__version__",
     "adapters",
+    "diagnostics",
     "get_strategy",
     "groups",
     "list_strategies",

@@ -12,7 +12,7 @@ Typical loop::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,14 @@ class Surgeon:
             learnable parameters (so that :meth:`parameters` can be handed to an optimizer before
             the first step); when given, every step must have exactly these tasks.
         check_finite: Refuse a step whose task gradients hold NaN or Inf (one device sync per step).
-        collect_stats: Record conflict statistics of every step in :attr:`last_stats`.
+        collect_stats: Record conflict statistics of every step in :attr:`last_stats` (computed from
+            the Gram matrix the step needs anyway; Gram-space strategies reuse it).
+        monitor_only: Compute the strategy and the statistics, but write the plain **sum** of the
+            task gradients, as ``sum(losses).backward()`` would: measure conflicts (and what the
+            strategy would change) in an existing job before adopting a method. The statistics then
+            describe the strategy's direction, i.e. what it would do.
+        callbacks: Callables invoked with the :class:`~gradsurg.diagnostics.StepStats` after each
+            successful step, e.g. :class:`~gradsurg.diagnostics.JSONLWriter` (needs ``collect_stats``).
 
     Semantics:
         * Per group, the strategy's direction is **added** to ``.grad`` like ``loss.backward()`` does,
@@ -96,6 +103,8 @@ class Surgeon:
         tasks: int | Sequence[str] | None = None,
         check_finite: bool = True,
         collect_stats: bool = True,
+        monitor_only: bool = False,
+        callbacks: Sequence[Callable[[StepStats], object]] = (),
     ) -> None:
         group_list = [groups] if isinstance(groups, ParamGroup) else list(groups)
         if not group_list:
@@ -105,6 +114,13 @@ class Surgeon:
         self._strategies: dict[str, Strategy] = _assign_strategies(self._groups, strategy)
         self._check_finite = bool(check_finite)
         self._collect_stats = bool(collect_stats)
+        self._monitor_only = bool(monitor_only)
+        self._callbacks = list(callbacks)
+        if self._callbacks and not self._collect_stats:
+            raise InvalidOptionError("Surgeon `callbacks` need statistics; found collect_stats=False.")
+        for callback in self._callbacks:
+            if not callable(callback):
+                raise InvalidOptionError(f"Surgeon `callbacks` must be callables; found {callback!r}.")
         self._last_stats: StepStats | None = None
         self._generator = torch.Generator()
         if seed is None:
@@ -189,10 +205,16 @@ class Surgeon:
             _accumulate(param, update)
         self._state.update(step.states)
         if self._collect_stats:
-            self._last_stats = StepStats(step=self._steps, tasks=tuple(task_losses.names), groups=step.stats)
+            labels = {g.name: g.label for g in self._groups}
+            self._last_stats = StepStats(
+                step=self._steps, tasks=tuple(task_losses.names), groups=step.stats, labels=labels
+            )
         self._last_losses = values
         self._awaiting_update = any(Need.POST_STEP_LOSSES in s.needs for s in self._unique_strategies())
         self._steps += 1
+        if self._last_stats is not None:
+            for callback in self._callbacks:
+                callback(self._last_stats)
 
     def update(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> None:
         """Give the task losses measured after ``optimizer.step()`` to strategies that need them (FAMO).
@@ -302,6 +324,7 @@ class Surgeon:
         for group, params, matrix in work:
             strategy = self._strategies[group.name]
             learnable = self._params.get(id(strategy))
+            gram = matrix @ matrix.T if self._collect_stats else None
             context = Context(
                 generator=torch.Generator().manual_seed(step_seed),
                 group=group,
@@ -309,14 +332,17 @@ class Surgeon:
                 state=self._state.get(group.name) or strategy.init_state(len(names), device=matrix.device),
                 params=dict(learnable.items()) if learnable is not None else {},
                 step=self._steps,
+                gram=gram,
             )
             output = strategy.apply(matrix, context)
             direction = output.direction
             step.states[group.name] = dict(output.state)
             if output.objective is not None and learnable is not None:
                 objectives.setdefault(id(strategy), []).append(output.objective)
-            if self._collect_stats:
-                step.stats[group.name] = group_stats(matrix, direction)
+            if gram is not None:
+                step.stats[group.name] = group_stats(gram, weights=output.weights, grads=matrix, direction=direction)
+            if self._monitor_only:
+                direction = matrix.sum(dim=0)
             offset = 0
             for p in params:
                 step.updates.append((p, direction[offset : offset + p.numel()].view_as(p)))

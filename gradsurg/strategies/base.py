@@ -115,6 +115,8 @@ class Context:
             the new state from :meth:`Strategy.apply`).
         params: The learnable parameters of the strategy (for strategies that need them).
         step: Index of the step (0 for the first).
+        gram: The Gram matrix ``G Gᵀ`` if the caller already computed it (the Surgeon does when it
+            collects statistics), so that Gram-space strategies do not compute it twice.
     """
 
     generator: torch.Generator | None = None
@@ -123,6 +125,7 @@ class Context:
     state: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, Tensor] = field(default_factory=dict)
     step: int = 0
+    gram: Tensor | None = None
 
     @property
     def where(self) -> str:
@@ -270,11 +273,14 @@ class Output:
         state: The strategy's state after the step (the same mapping when unchanged).
         objective: For strategies with learnable parameters, a scalar built with autograd from
             ``Context.params``; its gradient is written to the parameters' ``.grad``.
+        weights: For strategies of the form ``d = wᵀ G``, the task weights ``w`` (lets the
+            diagnostics work in Gram space, with no extra pass over ``G``).
     """
 
     direction: Tensor
     state: Mapping[str, Any]
     objective: Tensor | None = None
+    weights: Tensor | None = None
 
 
 class GramStrategy(Strategy):
@@ -285,10 +291,14 @@ class GramStrategy(Strategy):
     its own dtype.
     """
 
-    def _combine(self, grads: Tensor, context: Context) -> Tensor:
-        gram = grads @ grads.T
+    def apply(self, grads: Tensor, context: Context) -> Output:
+        gram = context.gram if context.gram is not None else grads @ grads.T
         w = self.weights(gram.to(_weight_dtype(grads)), context)
-        return (w.to(grads.dtype) @ grads).reshape(grads.shape[1])
+        direction = (w.to(grads.dtype) @ grads).reshape(grads.shape[1])
+        return Output(direction=direction, state=context.state, weights=w)
+
+    def _combine(self, grads: Tensor, context: Context) -> Tensor:
+        return self.apply(grads, context).direction
 
     @abc.abstractmethod
     def weights(self, gram: Tensor, context: Context) -> Tensor:
