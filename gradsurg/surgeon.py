@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradsurg.diagnostics import GroupStats, StepStats, group_stats
+from gradsurg.diagnostics.stats import GroupStats, StepStats, group_stats, split_stats
 from gradsurg.errors import (
     IncompatibleGroupError,
     InvalidLossError,
@@ -29,7 +29,15 @@ from gradsurg.errors import (
     NonFiniteGradientError,
 )
 from gradsurg.groups import ParamGroup, check_disjoint
-from gradsurg.strategies.base import Context, Need, Requirement, Strategy, check_finite
+from gradsurg.strategies.base import (
+    Context,
+    GramStrategy,
+    Need,
+    Requirement,
+    Strategy,
+    check_finite,
+    weight_dtype,
+)
 from gradsurg.strategies.registry import resolve_strategy
 
 __all__ = ["Surgeon"]
@@ -42,6 +50,10 @@ _STATE_FORMAT = "gradsurg.Surgeon/1"
 class _Losses:
     names: list[str]
     tensors: list[Tensor]
+
+
+_Work = tuple[ParamGroup, list[Tensor], Tensor]
+"""One group of a step: the group, its parameters reached by some task, its gradient matrix."""
 
 
 @dataclass
@@ -76,6 +88,9 @@ class Surgeon:
             describe the strategy's direction, i.e. what it would do.
         callbacks: Callables invoked with the :class:`~gradsurg.diagnostics.StepStats` after each
             successful step, e.g. :class:`~gradsurg.diagnostics.JSONLWriter` (needs ``collect_stats``).
+        batch_groups: Combine groups that share a batchable strategy and a shape (e.g. the LoRA
+            factors of every layer) in one batched Gram computation instead of a loop over groups.
+            The result is the same; ``False`` exists for benchmarks and debugging.
 
     Semantics:
         * Per group, the strategy's direction is **added** to ``.grad`` like ``loss.backward()`` does,
@@ -105,6 +120,7 @@ class Surgeon:
         collect_stats: bool = True,
         monitor_only: bool = False,
         callbacks: Sequence[Callable[[StepStats], object]] = (),
+        batch_groups: bool = True,
     ) -> None:
         group_list = [groups] if isinstance(groups, ParamGroup) else list(groups)
         if not group_list:
@@ -115,6 +131,7 @@ class Surgeon:
         self._check_finite = bool(check_finite)
         self._collect_stats = bool(collect_stats)
         self._monitor_only = bool(monitor_only)
+        self._batch_groups = bool(batch_groups)
         self._callbacks = list(callbacks)
         if self._callbacks and not self._collect_stats:
             raise InvalidOptionError("Surgeon `callbacks` need statistics; found collect_stats=False.")
@@ -305,7 +322,7 @@ class Surgeon:
     ) -> _Step:
         """Everything the step writes (updates, new states, statistics), computed before anything is written."""
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
-        work: list[tuple[ParamGroup, list[Tensor], Tensor]] = []
+        work: list[_Work] = []
         for group, slots in zip(self._groups, group_slots):
             present = [(p, slot) for p, slot in zip(group.params, slots) if slot is not None]
             if present:
@@ -321,7 +338,10 @@ class Surgeon:
 
         step = _Step()
         objectives: dict[int, list[Tensor]] = {}
-        for group, params, matrix in work:
+        batches, singles = self._batches(work)
+        for batch in batches:
+            self._combine_batch(batch, losses, step_seed, step)
+        for group, params, matrix in singles:
             strategy = self._strategies[group.name]
             learnable = self._params.get(id(strategy))
             gram = matrix @ matrix.T if self._collect_stats else None
@@ -341,12 +361,7 @@ class Surgeon:
                 objectives.setdefault(id(strategy), []).append(output.objective)
             if gram is not None:
                 step.stats[group.name] = group_stats(gram, weights=output.weights, grads=matrix, direction=direction)
-            if self._monitor_only:
-                direction = matrix.sum(dim=0)
-            offset = 0
-            for p in params:
-                step.updates.append((p, direction[offset : offset + p.numel()].view_as(p)))
-                offset += p.numel()
+            step.updates.extend(self._split_direction(params, matrix, direction))
         for param, dense_grads in ungrouped:
             step.updates.append((param, torch.stack(dense_grads).sum(dim=0)))
         for key, terms in objectives.items():
@@ -354,6 +369,60 @@ class Surgeon:
             grads = torch.autograd.grad(torch.stack(terms).mean(), learnable_params, allow_unused=True)
             step.updates.extend((p, g) for p, g in zip(learnable_params, grads) if g is not None)
         return step
+
+    def _batches(self, work: list[_Work]) -> tuple[list[list[_Work]], list[_Work]]:
+        """Split the groups into batches (same batchable strategy, shape, dtype, device) and the rest.
+
+        A strategy is batchable when it is a :class:`~gradsurg.GramStrategy` with ``batched = True``
+        and needs nothing but the gradients and the generator.
+        """
+        buckets: dict[tuple[Any, ...], list[_Work]] = {}
+        singles: list[_Work] = []
+        for item in work:
+            group, _, matrix = item
+            strategy = self._strategies[group.name]
+            batchable = isinstance(strategy, GramStrategy) and strategy.batched and not strategy.needs - {Need.LOSSES}
+            if self._batch_groups and batchable:
+                key = (id(strategy), tuple(matrix.shape), matrix.dtype, matrix.device)
+                buckets.setdefault(key, []).append(item)
+            else:
+                singles.append(item)
+        batches = [items for items in buckets.values() if len(items) > 1]
+        singles.extend(items[0] for items in buckets.values() if len(items) == 1)
+        return batches, singles
+
+    def _combine_batch(self, batch: list[_Work], losses: Tensor, step_seed: int, step: _Step) -> None:
+        """One batched Gram computation (``bmm``) for groups that share a strategy and a shape.
+
+        Every group sees a generator in the same state, exactly as on the one-group-at-a-time path,
+        so both paths give the same directions.
+        """
+        strategy = self._strategies[batch[0][0].name]
+        assert isinstance(strategy, GramStrategy)
+        stacked = torch.stack([matrix for _, _, matrix in batch])
+        gram = stacked @ stacked.transpose(-1, -2)
+        context = Context(
+            generator=torch.Generator().manual_seed(step_seed), losses=losses, step=self._steps, gram=gram
+        )
+        weights = strategy.weights(gram.to(weight_dtype(stacked)), context)
+        directions = (weights.to(stacked.dtype).unsqueeze(-2) @ stacked).squeeze(-2)
+        stats = split_stats(group_stats(gram, weights=weights)) if self._collect_stats else []
+        for index, (group, params, matrix) in enumerate(batch):
+            step.states[group.name] = {}
+            if stats:
+                step.stats[group.name] = stats[index]
+            step.updates.extend(self._split_direction(params, matrix, directions[index]))
+
+    def _split_direction(self, params: list[Tensor], matrix: Tensor, direction: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Cut a group's direction into per-parameter updates (the plain sum in monitor-only mode)."""
+        if self._monitor_only:
+            direction = matrix.sum(dim=0)
+        updates: list[tuple[Tensor, Tensor]] = []
+        offset = 0
+        for p in params:
+            updates.append((p, direction[offset : offset + p.numel()].view_as(p)))
+            offset += p.numel()
+        return updates
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -567,9 +636,7 @@ def _accumulate(param: Tensor, update: Tensor) -> None:
         param.grad.add_(update)
 
 
-def _check_all_finite(
-    names: list[str], work: list[tuple[ParamGroup, list[Tensor], Tensor]], ungrouped: list[tuple[Tensor, list[Tensor]]]
-) -> None:
+def _check_all_finite(names: list[str], work: list[_Work], ungrouped: list[tuple[Tensor, list[Tensor]]]) -> None:
     """One device sync for the whole step; only on failure look for the culprit to name it."""
     flags = [torch.isfinite(matrix).all() for _, _, matrix in work]
     flags += [torch.isfinite(g).all() for _, grads in ungrouped for g in grads]

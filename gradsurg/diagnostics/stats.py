@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gradsurg._math import safe_divide
 
-__all__ = ["GroupStats", "StepStats", "group_stats"]
+__all__ = ["GroupStats", "StepStats", "group_stats", "split_stats"]
 
 
 @dataclass(frozen=True)
@@ -106,26 +106,28 @@ def group_stats(
     (Gram-space strategies: no pass over ``G`` at all, since ``G d = K w``, ``‖d‖² = wᵀ K w`` and
     ``‖d − Σᵢ gᵢ‖² = (w − 1)ᵀ K (w − 1)``) or the gradients ``G`` and the direction ``d`` (one pass).
 
+    With ``weights``, every input may carry leading batch dimensions (one per group of a batch).
+
     Args:
-        gram: ``Tensor[T, T]``.
-        weights: ``Tensor[T]`` such that ``d = wᵀ G``.
+        gram: ``Tensor[..., T, T]``.
+        weights: ``Tensor[..., T]`` such that ``d = wᵀ G``.
         grads: ``Tensor[T, n]`` (needed when ``weights`` is not given).
         direction: ``Tensor[n]`` (needed when ``weights`` is not given).
     """
     with torch.no_grad():
         k = gram.to(torch.float64) if gram.dtype != torch.float64 and gram.device.type != "mps" else gram
-        tasks = k.shape[0]
-        norms = k.diagonal().clamp_min(0).sqrt()
-        cosine = safe_divide(k, norms.unsqueeze(0) * norms.unsqueeze(1))
+        tasks = k.shape[-1]
+        norms = k.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        cosine = safe_divide(k, norms.unsqueeze(-1) * norms.unsqueeze(-2))
         upper = torch.triu(torch.ones(tasks, tasks, dtype=torch.bool, device=k.device), diagonal=1)
-        conflicts = ((k < 0) & upper).sum()
-        ones = torch.ones(tasks, dtype=k.dtype, device=k.device)
-        total_norm = (ones @ k @ ones).clamp_min(0).sqrt()
+        conflicts = ((k < 0) & upper).sum(dim=(-2, -1))
+        total_norm = k.sum(dim=(-2, -1)).clamp_min(0).sqrt()
         if weights is not None:
             w = weights.to(k.dtype)
-            projections = k @ w
-            d_norm = (w @ projections).clamp_min(0).sqrt()
-            change_norm = ((w - ones) @ k @ (w - ones)).clamp_min(0).sqrt()
+            projections = (k @ w.unsqueeze(-1)).squeeze(-1)
+            d_norm = (w * projections).sum(dim=-1).clamp_min(0).sqrt()
+            shift = w - 1
+            change_norm = (shift * (k @ shift.unsqueeze(-1)).squeeze(-1)).sum(dim=-1).clamp_min(0).sqrt()
         elif grads is not None and direction is not None:
             d = direction.to(grads.dtype)
             projections = (grads @ d).to(k.dtype)
@@ -138,6 +140,21 @@ def group_stats(
             cosine=cosine,
             conflicts=conflicts,
             conflict_share=conflicts.to(k.dtype) / max(tasks * (tasks - 1) // 2, 1),
-            direction_cosine=safe_divide(projections, norms * d_norm),
+            direction_cosine=safe_divide(projections, norms * d_norm.unsqueeze(-1)),
             change=safe_divide(change_norm, total_norm),
         )
+
+
+def split_stats(stats: GroupStats) -> list[GroupStats]:
+    """Split the statistics of a batch of groups (leading dimension) into one ``GroupStats`` per group."""
+    return [
+        GroupStats(
+            norms=stats.norms[b],
+            cosine=stats.cosine[b],
+            conflicts=stats.conflicts[b],
+            conflict_share=stats.conflict_share[b],
+            direction_cosine=stats.direction_cosine[b],
+            change=stats.change[b],
+        )
+        for b in range(stats.norms.shape[0])
+    ]

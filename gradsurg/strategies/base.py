@@ -289,11 +289,17 @@ class GramStrategy(Strategy):
     Subclasses implement :meth:`weights` on the ``T×T`` Gram matrix ``K = G Gᵀ``; it is computed in
     at least float64 precision for the small ``T×T`` work, while the two passes over ``G`` run in
     its own dtype.
+
+    A subclass whose :meth:`weights` accepts leading batch dimensions (``Tensor[B, T, T]`` →
+    ``Tensor[B, T]``, the same random draws for every batch entry) sets ``batched = True``: the
+    Surgeon then combines all groups that share the strategy and a shape in one ``bmm``.
     """
+
+    batched: ClassVar[bool] = False
 
     def apply(self, grads: Tensor, context: Context) -> Output:
         gram = context.gram if context.gram is not None else grads @ grads.T
-        w = self.weights(gram.to(_weight_dtype(grads)), context)
+        w = self.weights(gram.to(weight_dtype(grads)), context)
         direction = (w.to(grads.dtype) @ grads).reshape(grads.shape[1])
         return Output(direction=direction, state=context.state, weights=w)
 
@@ -305,8 +311,8 @@ class GramStrategy(Strategy):
         """Return task weights ``w ∈ ℝᵀ`` from the Gram matrix ``K = G Gᵀ`` (``Tensor[T, T]``)."""
 
 
-def _weight_dtype(grads: Tensor) -> torch.dtype:
-    # float64 for the tiny T×T solve, except on backends without float64 support.
+def weight_dtype(grads: Tensor) -> torch.dtype:
+    """float64 for the tiny ``T×T`` work, except on backends without float64 support (MPS)."""
     return torch.float32 if grads.device.type == "mps" else torch.float64
 
 

@@ -59,6 +59,7 @@ class CAGrad(GramStrategy):
         "B. Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021. "
         "https://arxiv.org/abs/2110.14048"
     )
+    batched = True
     properties = frozenset(
         {
             Property.SCALE_EQUIVARIANT,

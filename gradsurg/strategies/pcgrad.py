@@ -51,6 +51,7 @@ class PCGrad(GramStrategy):
     paper = (
         "T. Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020. https://arxiv.org/abs/2001.06782"
     )
+    batched = True
     properties = frozenset(
         {
             Property.SCALE_EQUIVARIANT,
