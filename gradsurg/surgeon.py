@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsurg.diagnostics.stats import GroupStats, StepStats, group_stats, split_stats
+from gradsurg.engines import ENGINES, EngineResult, GradientEngine, LoopEngine, SegmentEngine
 from gradsurg.errors import (
     IncompatibleGroupError,
     InvalidLossError,
@@ -91,6 +92,12 @@ class Surgeon:
         batch_groups: Combine groups that share a batchable strategy and a shape (e.g. the LoRA
             factors of every layer) in one batched Gram computation instead of a loop over groups.
             The result is the same; ``False`` exists for benchmarks and debugging.
+        engine: How per-task gradients are computed (see :mod:`gradsurg.engines`): ``"loop"`` (one
+            backward per task), ``"batched"`` (one vmapped backward), ``"segment"`` (one forward over
+            the concatenated batch and one backward, per-task gradients recovered by hooks; needs
+            ``model`` and ``backward(..., task_ids=...)``), a :class:`~gradsurg.engines.GradientEngine`,
+            or ``"auto"``: segment when ``task_ids`` are given and the model supports it, else loop.
+        model: The model, needed by the segment engine to hook its layers.
 
     Semantics:
         * Per group, the strategy's direction is **added** to ``.grad`` like ``loss.backward()`` does,
@@ -121,6 +128,8 @@ class Surgeon:
         monitor_only: bool = False,
         callbacks: Sequence[Callable[[StepStats], object]] = (),
         batch_groups: bool = True,
+        engine: str | GradientEngine = "auto",
+        model: nn.Module | None = None,
     ) -> None:
         group_list = [groups] if isinstance(groups, ParamGroup) else list(groups)
         if not group_list:
@@ -132,6 +141,7 @@ class Surgeon:
         self._collect_stats = bool(collect_stats)
         self._monitor_only = bool(monitor_only)
         self._batch_groups = bool(batch_groups)
+        self._engine, self._segment = _resolve_engine(engine, self._groups, model)
         self._callbacks = list(callbacks)
         if self._callbacks and not self._collect_stats:
             raise InvalidOptionError("Surgeon `callbacks` need statistics; found collect_stats=False.")
@@ -194,13 +204,15 @@ class Surgeon:
         return f"Surgeon(groups={len(self._groups)}, strategies=[{', '.join(kinds)}], steps={self._steps})"
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> None:
+    def backward(self, losses: Sequence[Tensor] | Mapping[str, Tensor], *, task_ids: Tensor | None = None) -> None:
         """Compute per-task gradients of ``losses`` and write the combined direction into ``.grad``.
 
         Args:
             losses: One scalar loss per task, as a sequence or a ``{task_name: loss}`` mapping. The
                 losses may share one graph (one forward over all tasks) or come from separate
                 forwards.
+            task_ids: For the segment engine: ``task_ids[n]`` is the task (index into ``losses``)
+                of sample ``n`` of the concatenated batch the forward pass ran on.
 
         Raises:
             InvalidLossError: ``losses`` is empty, or a loss is not a floating-point scalar that
@@ -210,11 +222,13 @@ class Surgeon:
         task_losses = _check_losses(losses)
         self._check_step_tasks(task_losses.names)
         inputs, group_slots = self._inputs(task_losses.tensors)
-        per_task = self._task_gradients(task_losses.tensors, inputs)
+        group_inputs = sum(slot is not None for slots in group_slots for slot in slots)
+        engine = self._segment if task_ids is not None and self._segment is not None else self._engine
+        result = engine.gradients(task_losses.tensors, inputs, group_inputs, task_ids)
         values = torch.stack([loss.detach().reshape(()) for loss in task_losses.tensors])
         generator_before = self._generator.get_state()
         try:
-            step = self._combine(task_losses.names, values, inputs, group_slots, per_task)
+            step = self._combine(task_losses.names, values, inputs, group_slots, result)
         except BaseException:
             self._generator.set_state(generator_before)
             raise
@@ -302,15 +316,15 @@ class Surgeon:
         inputs.extend(t for t in reached if id(t) not in self._group_param_ids)
         return inputs, slots
 
-    @staticmethod
-    def _task_gradients(losses: list[Tensor], inputs: list[Tensor]) -> list[tuple[Tensor | None, ...]]:
-        if not inputs:
-            return [() for _ in losses]
-        last = len(losses) - 1
-        return [
-            torch.autograd.grad(loss, inputs, retain_graph=t < last, allow_unused=True)
-            for t, loss in enumerate(losses)
-        ]
+    def close(self) -> None:
+        """Remove the hooks the segment engine registered on the model (a no-op for other engines)."""
+        if self._segment is not None:
+            self._segment.close()
+
+    @property
+    def engine(self) -> GradientEngine:
+        """The engine used when ``backward`` gets no ``task_ids`` (see :mod:`gradsurg.engines`)."""
+        return self._engine
 
     def _combine(
         self,
@@ -318,10 +332,11 @@ class Surgeon:
         losses: Tensor,
         inputs: list[Tensor],
         group_slots: list[list[int | None]],
-        per_task: list[tuple[Tensor | None, ...]],
+        result: EngineResult,
     ) -> _Step:
         """Everything the step writes (updates, new states, statistics), computed before anything is written."""
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+        per_task = result.per_task
         work: list[_Work] = []
         for group, slots in zip(self._groups, group_slots):
             present = [(p, slot) for p, slot in zip(group.params, slots) if slot is not None]
@@ -332,9 +347,10 @@ class Surgeon:
         ungrouped: list[tuple[Tensor, list[Tensor]]] = []
         for index in range(first_ungrouped, len(inputs)):
             if any(g[index] is not None for g in per_task):
-                ungrouped.append((inputs[index], [_dense(g[index], inputs[index]) for g in per_task]))
+                rows = per_task[:1] if result.others_summed else per_task
+                ungrouped.append((inputs[index], [_dense(g[index], inputs[index]) for g in rows]))
         if self._check_finite:
-            _check_all_finite(names, work, ungrouped)
+            _check_all_finite(names if not result.others_summed else ["<sum of all tasks>"], work, ungrouped)
 
         step = _Step()
         objectives: dict[int, list[Tensor]] = {}
@@ -484,6 +500,34 @@ class Surgeon:
         """
         for strategy in self._learners():
             yield from self._params[id(strategy)].values()
+
+
+def _resolve_engine(
+    spec: str | GradientEngine, groups: tuple[ParamGroup, ...], model: nn.Module | None
+) -> tuple[GradientEngine, SegmentEngine | None]:
+    """The default engine and, when usable, the segment engine used for steps that give ``task_ids``."""
+    if isinstance(spec, GradientEngine):
+        spec.bind(groups, model)
+        return spec, spec if isinstance(spec, SegmentEngine) else None
+    choices = ("auto", *ENGINES)
+    if spec not in choices:
+        raise InvalidOptionError(f"Surgeon `engine` must be one of {', '.join(map(repr, choices))}; found {spec!r}.")
+    if spec in ("auto", "segment") and (model is not None or spec == "segment"):
+        segment = SegmentEngine()
+        segment.bind(groups, model)
+        if segment.supported:
+            return (segment if spec == "segment" else LoopEngine()), segment
+        segment.close()
+        if spec == "segment":
+            raise IncompatibleGroupError(
+                "Surgeon engine='segment' computes per-task gradients only for the weight and bias of nn.Linear "
+                f"and GPT-2 Conv1D layers; found {', '.join(segment.unsupported[:3])}. Use engine='loop' or 'auto'."
+            )
+    if spec in ("auto", "segment"):
+        return LoopEngine(), None
+    engine = ENGINES[spec]()
+    engine.bind(groups, model)
+    return engine, None
 
 
 def _assign_strategies(
