@@ -53,6 +53,8 @@ class AlignedMTL(GramStrategy):
         scale: ``"sum"`` (default) or ``"mean"``.
     """
 
+    family = "gram"
+    cost = "O(T²·n + T³)"
     summary = "Align the task gradients into an orthogonal system of equal norms, then sum (Senushkin et al. 2023)."
     paper = (
         "D. Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023. "

@@ -142,11 +142,14 @@ class Strategy(abc.ABC):
     * ``paper`` — the reference: title, venue, arXiv link;
     * ``properties`` — a subset of :class:`Property` names the conformance tests check;
     * ``requires`` — a subset of :class:`Requirement` names the Surgeon checks on the groups;
-    * ``needs`` — a subset of :class:`Need` names: what the caller must provide besides gradients.
+    * ``needs`` — a subset of :class:`Need` names: what the caller must provide besides gradients;
+    * ``family`` — ``"baseline"``, ``"projection"``, ``"gram"`` (weights from the Gram matrix),
+      ``"coordinate"`` or ``"loss"`` (weights from the losses), for the overview table;
+    * ``cost`` — the cost in ``T`` and ``n`` beyond computing ``G``, e.g. ``"O(T²·n + T³)"``.
 
     Stateless gradient strategies implement :meth:`_combine` only. Strategies that need state,
     losses or learnable parameters override :meth:`apply` (and :meth:`init_state`,
-    :meth:`init_params`, :meth:`param_objective`, :meth:`after_step` as needed).
+    :meth:`init_params`, :meth:`after_step` as needed).
 
     Options are keyword-only arguments of ``__init__``; call :meth:`_set_options` with them so that
     ``repr`` and :attr:`options` show them.
@@ -158,6 +161,8 @@ class Strategy(abc.ABC):
     properties: ClassVar[frozenset[str]] = frozenset()
     requires: ClassVar[frozenset[str]] = frozenset()
     needs: ClassVar[frozenset[str]] = frozenset()
+    family: ClassVar[str] = ""
+    cost: ClassVar[str] = ""
 
     _options: dict[str, Any]
 
@@ -172,6 +177,9 @@ class Strategy(abc.ABC):
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError(f"Strategies are immutable; cannot set {key!r} on {type(self).__name__}.")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError(f"Strategies are immutable; cannot delete {key!r} from {type(self).__name__}.")
 
     @property
     def options(self) -> Mapping[str, Any]:
@@ -361,5 +369,6 @@ def check_option(condition: bool, strategy: str, option: str, requirement: str, 
 
 
 def check_choice(value: Any, choices: tuple[Any, ...], strategy: str, option: str) -> None:
-    """Raise :class:`InvalidOptionError` unless ``value`` is one of ``choices``."""
-    check_option(value in choices, strategy, option, "one of " + ", ".join(repr(c) for c in choices), value)
+    """Raise :class:`InvalidOptionError` unless ``value`` is one of ``choices`` (``True`` is not ``1``)."""
+    is_choice = value in choices and (not isinstance(value, bool) or any(isinstance(c, bool) for c in choices))
+    check_option(is_choice, strategy, option, "one of " + ", ".join(repr(c) for c in choices), value)

@@ -8,7 +8,7 @@ from torch import Tensor
 from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice, check_option
 from gradsurg.strategies.registry import register_strategy
-from gradsurg.strategies.solvers import minimize_on_simplex
+from gradsurg.strategies.solvers import EXACT_MAX_TASKS, minimize_cagrad_dual
 
 __all__ = ["CAGrad"]
 
@@ -54,6 +54,8 @@ class CAGrad(GramStrategy):
         iterations: Iterations of the simplex solver (``≥ 1``).
     """
 
+    family = "gram"
+    cost = "O(T²·n) + a T×T simplex solve"
     summary = "Maximise the worst-case task improvement in a ball around the mean gradient (Liu et al. 2021)."
     paper = (
         "B. Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021. "
@@ -102,18 +104,7 @@ class CAGrad(GramStrategy):
         b = k.mean(dim=-1)
         phi = self.c * k.mean(dim=(-2, -1)).clamp_min(0).sqrt().unsqueeze(-1)
 
-        def objective(points: Tensor) -> Tensor:
-            quadratic = ((points @ k) * points).sum(dim=-1).clamp_min(0)
-            return (points * b.unsqueeze(-2)).sum(dim=-1) + phi * quadratic.sqrt()
-
-        def gradient(point: Tensor) -> Tensor:
-            kw = (k @ point.unsqueeze(-1)).squeeze(-1)
-            length = (point * kw).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
-            return b + phi * safe_divide(kw, length)
-
-        start = torch.full(gram.shape[:-1], 1.0 / tasks, dtype=gram.dtype, device=gram.device)
-        steps = torch.logspace(-4, 2, 13, dtype=gram.dtype)
-        return minimize_on_simplex(objective, gradient, start, iterations=self.iterations, steps=steps)
+        return minimize_cagrad_dual(k, b, phi, iterations=self.iterations)
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
         tasks = gram.shape[-1]

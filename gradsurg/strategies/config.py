@@ -53,6 +53,8 @@ class ConFIG(GramStrategy):
     ``O(T² n)`` SVD of ``U`` in the official code).
     """
 
+    family = "gram"
+    cost = "O(T²·n + T³)"
     summary = "Direction with equal cosine to every task gradient, length = sum of projections (Liu et al. 2024)."
     paper = (
         "Q. Liu, M. Chu, N. Thuerey, ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks, "

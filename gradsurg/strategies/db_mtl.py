@@ -55,6 +55,8 @@ class DBMTL(LossWeighting):
         beta_sigma: Decay exponent ``σ`` of ``βₜ = β/t^σ`` (``≥ 0``; LibMTL ``DB_beta_sigma`` default 0).
     """
 
+    family = "loss"
+    cost = "O(T·n); state T×n per group"
     summary = "Log-transformed losses and max-norm-balanced EMA gradients (Lin et al. 2023)."
     paper = "B. Lin et al., Dual-Balancing for Multi-Task Learning, 2023. https://arxiv.org/abs/2308.12029"
     needs = frozenset({Need.LOSSES, Need.STATE})

@@ -44,6 +44,8 @@ class DualProj(GramStrategy):
         scale: ``"mean"`` (default) or ``"sum"``.
     """
 
+    family = "gram"
+    cost = "O(T²·n) + a T×T active-set solve"
     summary = "Project the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."
     paper = (
         "P. Quinton, V. Rey, Jacobian Descent for Multi-Objective Optimization, 2024. https://arxiv.org/abs/2406.16232"

@@ -59,6 +59,8 @@ class DWA(LossWeighting):
         window: Steps per averaging window (integer ``≥ 1``; default 1).
     """
 
+    family = "loss"
+    cost = "O(T·n)"
     summary = "Weigh tasks by softmax of their recent loss-decrease ratios (Liu et al. 2019)."
     paper = (
         "S. Liu, E. Johns, A. J. Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019. "

@@ -49,6 +49,8 @@ class FairGrad(GramStrategy):
         iterations: Newton iterations of the solver (``≥ 1``, default 40).
     """
 
+    family = "gram"
+    cost = "O(T²·n) + a T×T Newton solve"
     summary = "α-fair allocation of the update between tasks: K w = w^(-1/α) (Ban & Ji 2024)."
     paper = (
         "H. Ban, K. Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024. https://arxiv.org/abs/2402.15638"

@@ -60,6 +60,8 @@ class FAMO(LossWeighting):
         gamma: Weight decay of the logits (``≥ 0``).
     """
 
+    family = "loss"
+    cost = "O(T·n); O(T) update after the step"
     summary = "Adapt task weights so every task's log-loss decreases at the same rate, O(1) per step (Liu et al. 2023)."
     paper = (
         "B. Liu, Y. Feng, P. Stone, Q. Liu, FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023. "

@@ -52,6 +52,8 @@ class GradDrop(Strategy):
             ``0.0``, the paper's pure GradDrop).
     """
 
+    family = "coordinate"
+    cost = "O(T·n)"
     summary = "Keep, per coordinate, only one sign of the task gradients, chosen by sign purity (Chen et al. 2020)."
     paper = (
         "Z. Chen et al., Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout, "

@@ -58,6 +58,8 @@ class GradNorm(LossWeighting):
         alpha: Restoring-force strength ``α`` (``≥ 0``; 1.5 in LibMTL; the paper uses 0.12–3).
     """
 
+    family = "loss"
+    cost = "O(T·n); T learnable parameters"
     summary = "Learn task weights that balance weighted gradient norms by relative training rate (Chen et al. 2018)."
     paper = (
         "Z. Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks, "

@@ -60,6 +60,8 @@ class GradVac(Strategy):
         shuffle: Draw a random visiting order per task (default) or use index order.
     """
 
+    family = "projection"
+    cost = "O(T²·n); state T×T per group"
     summary = "Align each pair of task gradients to its running-average similarity, then sum (Wang et al. 2021)."
     paper = (
         "Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, Gradient Vaccine: Investigating and Improving Multi-task "

@@ -52,6 +52,8 @@ class IMTLG(GramStrategy):
         scale: ``"mean"`` (default) or ``"sum"``.
     """
 
+    family = "gram"
+    cost = "O(T²·n + T³)"
     summary = "Combination of the task gradients with equal projections on every unit gradient (Liu et al. 2021)."
     paper = (
         "L. Liu et al., Towards Impartial Multi-task Learning, ICLR 2021. https://openreview.net/forum?id=IMPnRXEWpvr"

@@ -17,6 +17,8 @@ class Mean(Strategy):
     Scale: ``1/T`` of ``sum``; use it when the learning rate was tuned on a mean loss.
     """
 
+    family = "baseline"
+    cost = "O(T·n)"
     summary = "Mean of the task gradients; equals (sum(losses)/T).backward()."
     paper = "Baseline (equal weighting)."
     properties = frozenset(

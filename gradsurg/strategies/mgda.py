@@ -63,6 +63,8 @@ class MGDA(GramStrategy):
         scale: ``"mean"`` (default, ``Σ w = 1``) or ``"sum"`` (times ``T``).
     """
 
+    family = "gram"
+    cost = "O(T²·n) + a T×T active-set solve"
     summary = "Minimum-norm point of the convex hull of the task gradients (Sener & Koltun 2018)."
     paper = (
         "O. Sener, V. Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018. "

@@ -62,6 +62,8 @@ class MoCo(Strategy):
             LibMTL uses 0.1).
     """
 
+    family = "gram"
+    cost = "O(T²·n); state T×n per group"
     summary = "MGDA-like weights on tracked task gradients, correcting the stochastic bias (Fernando et al. 2023)."
     paper = (
         "H. D. Fernando et al., Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent "

@@ -60,6 +60,8 @@ class NashMTL(GramStrategy):
         iterations: Newton iterations of the solver (``≥ 1``, default 40).
     """
 
+    family = "gram"
+    cost = "O(T²·n) + a T×T Newton solve"
     summary = "Nash bargaining solution between the task gradients (Navon et al. 2022)."
     paper = "A. Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022. https://arxiv.org/abs/2202.01017"
     # Also permutation invariant, blind to zero rows and in the row span in exact arithmetic, but when 0 is

@@ -12,6 +12,7 @@ from gradsurg.strategies.registry import register_strategy
 
 __all__ = ["OrthoLoRA"]
 
+
 @register_strategy("ortho_lora", aliases=("ortholora",))
 class OrthoLoRA(PCGrad):
     r"""Ortho-LoRA: the PCGrad projection applied separately to each LoRA factor.
@@ -43,6 +44,8 @@ class OrthoLoRA(PCGrad):
         shuffle: Draw ``π`` at random (default) or use index order.
     """
 
+    family = "projection"
+    cost = "O(T²·n + T³) per LoRA factor"
     summary = "PCGrad applied separately inside each LoRA factor A and B (Yang et al. 2026)."
     paper = (
         "Yang et al., Disentangling Task Conflicts in Multi-Task LoRA via Orthogonal Gradient Projection, "

@@ -47,6 +47,8 @@ class PCGrad(GramStrategy):
         shuffle: Draw a random visiting order per task (default) or use index order.
     """
 
+    family = "projection"
+    cost = "O(T²·n + T³)"
     summary = "Project each task gradient off the gradients it conflicts with, then sum (Yu et al. 2020)."
     paper = (
         "T. Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020. https://arxiv.org/abs/2001.06782"

@@ -25,7 +25,14 @@ from torch import Tensor
 
 from gradsurg._math import safe_divide
 
-__all__ = ["REFERENCES", "Reference", "others_in_order", "per_task_orders", "projection_weights"]
+__all__ = [
+    "REFERENCES",
+    "Reference",
+    "others_in_order",
+    "per_task_orders",
+    "projection_coefficients",
+    "projection_weights",
+]
 
 Reference = Literal["original", "sequential"]
 REFERENCES: tuple[Reference, ...] = ("original", "sequential")
@@ -65,12 +72,20 @@ def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference:
         reference: ``"original"`` or ``"sequential"`` (see the module docstring).
 
     Returns:
-        ``Tensor[..., T]``, the weights ``w = 1ᵀ C``.
+        ``Tensor[..., T]``, the weights ``w = 1ᵀ C`` (``C`` from :func:`projection_coefficients`).
+    """
+    return projection_coefficients(gram, partners, outer, reference).sum(dim=-2)
+
+
+def projection_coefficients(gram: Tensor, partners: Tensor, outer: Tensor, reference: Reference) -> Tensor:
+    """The coefficients ``C`` of the projected gradients, ``gᵢ' = Σₘ Cᵢₘ gₘ`` (``Tensor[..., T, T]``).
+
+    Takes the arguments of :func:`projection_weights`; ``C @ G`` gives every projected task gradient.
     """
     tasks = gram.shape[-1]
     coefficients = torch.eye(tasks, dtype=gram.dtype, device=gram.device).expand_as(gram).clone()
     if tasks == 1:
-        return coefficients.sum(dim=-2)
+        return coefficients
     if reference == "original":
         partners = partners.to(gram.device)
         eye = torch.eye(tasks, dtype=gram.dtype, device=gram.device)
@@ -91,4 +106,4 @@ def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference:
                 norm = (cj * kcj).sum(dim=-1)
                 coef = safe_divide(dot.clamp_max(0), norm)
                 coefficients[..., i, :] = ci - coef.unsqueeze(-1) * cj
-    return coefficients.sum(dim=-2)
+    return coefficients

@@ -49,6 +49,8 @@ class StrategyInfo:
         requires: The :class:`~gradsurg.strategies.base.Requirement` names it needs from groups.
         needs: The :class:`~gradsurg.strategies.base.Need` names it needs from its caller (losses,
             state, learnable parameters, post-step losses).
+        family: The kind of method (``"baseline"``, ``"projection"``, ``"gram"``, ``"coordinate"``, ``"loss"``).
+        cost: Its cost in ``T`` tasks and ``n`` parameters beyond computing the task gradients.
         aliases: Other names that resolve to it.
     """
 
@@ -59,6 +61,8 @@ class StrategyInfo:
     properties: frozenset[str]
     requires: frozenset[str]
     needs: frozenset[str] = frozenset()
+    family: str = ""
+    cost: str = ""
     aliases: tuple[str, ...] = ()
 
 
@@ -142,6 +146,8 @@ def register_strategy(
             properties=frozenset(cls.properties),
             requires=frozenset(cls.requires),
             needs=frozenset(cls.needs),
+            family=cls.family,
+            cost=cls.cost,
             aliases=alias_names,
         )
         type.__setattr__(cls, "name", canonical)

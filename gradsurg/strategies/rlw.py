@@ -43,6 +43,8 @@ class RLW(LossWeighting):
         distribution: ``"normal"``, ``"uniform"``, ``"dirichlet"`` or ``"bernoulli"``.
     """
 
+    family = "loss"
+    cost = "O(T·n)"
     summary = "Random task weights (softmax of normal samples) at every step (Lin et al. 2022)."
     paper = (
         "B. Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning, "

@@ -61,6 +61,8 @@ class STCH(LossWeighting):
         nadir_steps: Steps whose average loss is the nadir vector (integer ``≥ 1``; default 100).
     """
 
+    family = "loss"
+    cost = "O(T·n)"
     summary = "Smooth Tchebycheff (soft-max) scalarization of nadir-normalised log-losses (Lin et al. 2024)."
     paper = (
         "X. Lin et al., Smooth Tchebycheff Scalarization for Multi-Objective Optimization, ICML 2024. "

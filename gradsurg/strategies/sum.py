@@ -17,6 +17,8 @@ class Sum(Strategy):
     The baseline every method is compared with ("joint training", "linear scalarization").
     """
 
+    family = "baseline"
+    cost = "O(T·n)"
     summary = "Sum of the task gradients; equals sum(losses).backward()."
     paper = "Baseline (joint training / linear scalarization)."
     properties = frozenset(

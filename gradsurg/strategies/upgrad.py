@@ -47,6 +47,8 @@ class UPGrad(GramStrategy):
         scale: ``"mean"`` (default) or ``"sum"``.
     """
 
+    family = "gram"
+    cost = "O(T²·n) + T active-set solves of size T"
     summary = "Average of the task gradients projected onto the dual cone of all of them (Quinton & Rey 2024)."
     paper = (
         "P. Quinton, V. Rey, Jacobian Descent for Multi-Objective Optimization, 2024. https://arxiv.org/abs/2406.16232"

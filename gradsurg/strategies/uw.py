@@ -46,6 +46,8 @@ class UncertaintyWeighting(LossWeighting):
         init: Initial log-variance ``s₀`` of every task (finite; default ``0.0``).
     """
 
+    family = "loss"
+    cost = "O(T·n); T learnable parameters"
     summary = "Learnable homoscedastic-uncertainty weights exp(−s) per task (Kendall et al. 2018)."
     paper = (
         "A. Kendall, Y. Gal, R. Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry "
