@@ -111,9 +111,13 @@ def check_disjoint(groups: Sequence[ParamGroup]) -> None:
             owner[id(p)] = group.name
 
 
-def _trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def _check_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise InvalidGroupError(f"Expected an nn.Module; found {type(model).__name__}.")
+
+
+def _trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    _check_module(model)
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
@@ -164,6 +168,7 @@ def per_module(model: nn.Module, *, label: str | Callable[[str, nn.Module], str]
     Raises:
         NoMatchingParametersError: The model has no trainable parameter.
     """
+    _check_module(model)
     groups: list[ParamGroup] = []
     for module_name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]

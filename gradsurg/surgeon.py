@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsurg.accumulation import TaskGradients, all_finite, check_tasks, merge
+from gradsurg.amp import LossScaling
 from gradsurg.diagnostics.stats import GroupStats, StepStats, group_stats, split_stats
+from gradsurg.distributed import is_active, synchronize
 from gradsurg.engines import ENGINES, EngineResult, GradientEngine, LoopEngine, SegmentEngine
 from gradsurg.errors import (
     IncompatibleGroupError,
@@ -98,6 +101,10 @@ class Surgeon:
             ``model`` and ``backward(..., task_ids=...)``), a :class:`~gradsurg.engines.GradientEngine`,
             or ``"auto"``: segment when ``task_ids`` are given and the model supports it, else loop.
         model: The model, needed by the segment engine to hook its layers.
+        distributed: Average the per-task gradients over the ranks of ``torch.distributed`` before
+            combining them, with one ``all_reduce`` per step (see :mod:`gradsurg.distributed`).
+            ``None`` (the default): when a process group is initialised with more than one rank;
+            ``True``: always (error when there is no process group); ``False``: never.
 
     Semantics:
         * Per group, the strategy's direction is **added** to ``.grad`` like ``loss.backward()`` does,
@@ -130,6 +137,7 @@ class Surgeon:
         batch_groups: bool = True,
         engine: str | GradientEngine = "auto",
         model: nn.Module | None = None,
+        distributed: bool | None = None,
     ) -> None:
         group_list = [groups] if isinstance(groups, ParamGroup) else list(groups)
         if not group_list:
@@ -163,6 +171,9 @@ class Surgeon:
         self._params: dict[int, nn.ParameterDict] = {}
         self._last_losses: Tensor | None = None
         self._awaiting_update = False
+        self._pending: TaskGradients | None = None
+        self._group_order = {g.name: index for index, g in enumerate(self._groups)}
+        self._distributed = distributed
         learners = [s for s in self._unique_strategies() if Need.PARAMS in s.needs]
         if learners and self._tasks is None:
             raise InvalidOptionError(
@@ -204,7 +215,15 @@ class Surgeon:
         return f"Surgeon(groups={len(self._groups)}, strategies=[{', '.join(kinds)}], steps={self._steps})"
 
     # ------------------------------------------------------------------ the step
-    def backward(self, losses: Sequence[Tensor] | Mapping[str, Tensor], *, task_ids: Tensor | None = None) -> None:
+    def backward(
+        self,
+        losses: Sequence[Tensor] | Mapping[str, Tensor],
+        *,
+        task_ids: Tensor | None = None,
+        accumulate: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> bool:
         """Compute per-task gradients of ``losses`` and write the combined direction into ``.grad``.
 
         Args:
@@ -213,39 +232,109 @@ class Surgeon:
                 forwards.
             task_ids: For the segment engine: ``task_ids[n]`` is the task (index into ``losses``)
                 of sample ``n`` of the concatenated batch the forward pass ran on.
+            accumulate: Only add this micro-batch's per-task gradients to the Surgeon's buffer
+                (``.grad`` is not touched); a later call without ``accumulate`` (or :meth:`step`)
+                combines the accumulated gradients once (see :mod:`gradsurg.accumulation`).
+            scaler: A ``torch.amp.GradScaler``: the losses are scaled, the per-task gradients
+                unscaled in float32, and an overflow skips the step (see :mod:`gradsurg.amp`).
+            optimizer: The optimizer ``scaler.step`` will step (needed with ``scaler``).
+
+        Returns:
+            Whether ``.grad`` was written: ``False`` for an accumulating call and for a step skipped
+            because of a mixed-precision overflow.
 
         Raises:
-            InvalidLossError: ``losses`` is empty, or a loss is not a floating-point scalar that
-                requires grad.
+            InvalidLossError: ``losses`` is empty, a loss is not a floating-point scalar that
+                requires grad, or the tasks differ from those of the accumulated micro-batches.
             NonFiniteGradientError: A task gradient holds NaN or Inf (names the task and group).
         """
+        scaling = LossScaling.create(scaler)
+        if scaling is not None and not accumulate:
+            LossScaling.check_optimizer(optimizer)
+        grads = merge(self._pending, self._task_gradients(losses, task_ids, scaling), self._group_order)
+        if accumulate:
+            self._pending = grads
+            return False
+        return self._finish(grads, scaling, optimizer)
+
+    def step(
+        self, *, scaler: torch.amp.GradScaler | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> bool:
+        """Combine the gradients accumulated by ``backward(..., accumulate=True)`` and write ``.grad``.
+
+        Args:
+            scaler: The ``GradScaler`` of the accumulated micro-batches, if any.
+            optimizer: The optimizer ``scaler.step`` will step (needed with ``scaler``).
+
+        Returns:
+            Whether ``.grad`` was written (``False`` when a mixed-precision overflow skipped the step).
+
+        Raises:
+            MissingUpdateError: No micro-batch was accumulated since the last step.
+        """
+        if self._pending is None:
+            raise MissingUpdateError(
+                "surgeon.step() combines the gradients accumulated by surgeon.backward(losses, accumulate=True); "
+                "found no accumulated micro-batch."
+            )
+        scaling = LossScaling.create(scaler)
+        if scaling is not None:
+            LossScaling.check_optimizer(optimizer)
+        return self._finish(self._pending, scaling, optimizer)
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-batches were accumulated and wait for :meth:`step`."""
+        return self._pending is not None
+
+    def _task_gradients(
+        self, losses: Sequence[Tensor] | Mapping[str, Tensor], task_ids: Tensor | None, scaling: LossScaling | None
+    ) -> TaskGradients:
+        """The per-task gradients of one (micro-)batch, unscaled when a GradScaler scaled the losses."""
         task_losses = _check_losses(losses)
         self._check_step_tasks(task_losses.names)
-        inputs, group_slots = self._inputs(task_losses.tensors)
+        check_tasks(self._pending, task_losses.names)
+        tensors = scaling.scale(task_losses.tensors) if scaling is not None else task_losses.tensors
+        inputs, group_slots = self._inputs(tensors)
         group_inputs = sum(slot is not None for slots in group_slots for slot in slots)
         engine = self._segment if task_ids is not None and self._segment is not None else self._engine
-        result = engine.gradients(task_losses.tensors, inputs, group_inputs, task_ids)
+        result = engine.gradients(tensors, inputs, group_inputs, task_ids)
         values = torch.stack([loss.detach().reshape(()) for loss in task_losses.tensors])
+        grads = self._gather(task_losses.names, values, inputs, group_slots, result)
+        return scaling.unscale(grads) if scaling is not None else grads
+
+    def _finish(self, grads: TaskGradients, scaling: LossScaling | None, optimizer: Any) -> bool:
+        """Check, combine and write one step's gradients (the accumulated ones, if any)."""
+        LossScaling.check_combining_call(grads, scaling)
+        grads = synchronize(grads, self._distributed, self._groups, self._tasks, self._generator)
+        if scaling is not None and not all_finite(grads):
+            scaling.record(optimizer, finite=False)
+            self._pending = None
+            return False
+        if scaling is None and self._check_finite:
+            _check_all_finite(list(grads.names), grads.groups, grads.others)
         generator_before = self._generator.get_state()
         try:
-            step = self._combine(task_losses.names, values, inputs, group_slots, result)
+            step = self._combine(grads)
         except BaseException:
             self._generator.set_state(generator_before)
             raise
+        if scaling is not None:
+            scaling.record(optimizer, finite=True)
+        self._pending = None
         for param, update in step.updates:
             _accumulate(param, update)
         self._state.update(step.states)
         if self._collect_stats:
             labels = {g.name: g.label for g in self._groups}
-            self._last_stats = StepStats(
-                step=self._steps, tasks=tuple(task_losses.names), groups=step.stats, labels=labels
-            )
-        self._last_losses = values
+            self._last_stats = StepStats(step=self._steps, tasks=grads.names, groups=step.stats, labels=labels)
+        self._last_losses = grads.losses
         self._awaiting_update = any(Need.POST_STEP_LOSSES in s.needs for s in self._unique_strategies())
         self._steps += 1
         if self._last_stats is not None:
             for callback in self._callbacks:
                 callback(self._last_stats)
+        return True
 
     def update(self, losses: Sequence[Tensor] | Mapping[str, Tensor]) -> None:
         """Give the task losses measured after ``optimizer.step()`` to strategies that need them (FAMO).
@@ -289,7 +378,8 @@ class Surgeon:
                 "A strategy of this Surgeon needs the losses after each optimizer step: call "
                 "surgeon.update(losses_after_step) after optimizer.step() and before the next surgeon.backward()."
             )
-        if self._tasks is not None and len(names) != len(self._tasks):
+        subset = is_active(self._distributed) and set(names) <= set(self._tasks or ())  # a rank may lack a task
+        if self._tasks is not None and len(names) != len(self._tasks) and not subset:
             raise InvalidLossError(
                 f"`losses` must hold one loss per task, {len(self._tasks)} as given by `tasks`; found {len(names)}."
             )
@@ -326,16 +416,15 @@ class Surgeon:
         """The engine used when ``backward`` gets no ``task_ids`` (see :mod:`gradsurg.engines`)."""
         return self._engine
 
-    def _combine(
+    def _gather(
         self,
         names: list[str],
         losses: Tensor,
         inputs: list[Tensor],
         group_slots: list[list[int | None]],
         result: EngineResult,
-    ) -> _Step:
-        """Everything the step writes (updates, new states, statistics), computed before anything is written."""
-        step_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+    ) -> TaskGradients:
+        """The engine's per-task gradients as one gradient matrix per reached group and the other leaves."""
         per_task = result.per_task
         work: list[_Work] = []
         for group, slots in zip(self._groups, group_slots):
@@ -349,9 +438,12 @@ class Surgeon:
             if any(g[index] is not None for g in per_task):
                 rows = per_task[:1] if result.others_summed else per_task
                 ungrouped.append((inputs[index], [_dense(g[index], inputs[index]) for g in rows]))
-        if self._check_finite:
-            _check_all_finite(names if not result.others_summed else ["<sum of all tasks>"], work, ungrouped)
+        return TaskGradients(tuple(names), losses, work, ungrouped, result.others_summed)
 
+    def _combine(self, grads: TaskGradients) -> _Step:
+        """Everything the step writes (updates, new states, statistics), computed before anything is written."""
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+        names, losses, work, ungrouped = grads.names, grads.losses, grads.groups, grads.others
         step = _Step()
         objectives: dict[int, list[Tensor]] = {}
         batches, singles = self._batches(work)
@@ -382,8 +474,8 @@ class Surgeon:
             step.updates.append((param, torch.stack(dense_grads).sum(dim=0)))
         for key, terms in objectives.items():
             learnable_params = list(self._params[key].values())
-            grads = torch.autograd.grad(torch.stack(terms).mean(), learnable_params, allow_unused=True)
-            step.updates.extend((p, g) for p, g in zip(learnable_params, grads) if g is not None)
+            param_grads = torch.autograd.grad(torch.stack(terms).mean(), learnable_params, allow_unused=True)
+            step.updates.extend((p, g) for p, g in zip(learnable_params, param_grads) if g is not None)
         return step
 
     def _batches(self, work: list[_Work]) -> tuple[list[list[_Work]], list[_Work]]:
@@ -689,7 +781,7 @@ def _check_all_finite(names: list[str], work: list[_Work], ungrouped: list[tuple
     for group, _, matrix in work:
         check_finite(matrix, Context(group=group), names)
     for param, grads in ungrouped:
-        for name, grad in zip(names, grads):
+        for name, grad in zip(names if len(grads) == len(names) else ["<sum of all tasks>"], grads):
             if not bool(torch.isfinite(grad).all()):
                 raise NonFiniteGradientError(
                     f"The gradient of task {name!r} for a parameter outside every group (shape "
