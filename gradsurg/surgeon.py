@@ -774,8 +774,8 @@ def _accumulate(param: Tensor, update: Tensor) -> None:
 
 def _check_all_finite(names: list[str], work: list[_Work], ungrouped: list[tuple[Tensor, list[Tensor]]]) -> None:
     """One device sync for the whole step; only on failure look for the culprit to name it."""
-    flags = [torch.isfinite(matrix).all() for _, _, matrix in work]
-    flags += [torch.isfinite(g).all() for _, grads in ungrouped for g in grads]
+    flags = [torch.isfinite(matrix.sum()) for _, _, matrix in work]
+    flags += [torch.isfinite(g.sum()) for _, grads in ungrouped for g in grads]
     if not flags or bool(torch.stack(flags).all()):
         return
     for group, _, matrix in work:

@@ -8,7 +8,7 @@ from torch import Tensor
 from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice, check_option
 from gradsurg.strategies.registry import register_strategy
-from gradsurg.strategies.solvers import EXACT_MAX_TASKS, minimize_cagrad_dual
+from gradsurg.strategies.solvers import minimize_cagrad_dual
 
 __all__ = ["CAGrad"]
 
@@ -33,11 +33,16 @@ class CAGrad(GramStrategy):
     Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048 (official code: ``Cranial-XIX/CAGrad``).
 
     Solver. The official code runs ``scipy.optimize.minimize`` (SLSQP) on the CPU from uniform
-    weights. Here the same convex problem is solved on the tensor's device by projected gradient
-    descent on the simplex with a batched line search (:func:`~gradsurg.strategies.solvers.minimize_on_simplex`),
-    from the same uniform start, after normalising ``K`` by its mean diagonal (the minimiser does
-    not depend on the scale of ``G``). On generic inputs the direction agrees with SLSQP run to
-    tight tolerance to better than ``1e-6`` relative (tested to ``1e-4``). When ``0`` lies in the
+    weights, TorchJD runs cvxpy/Clarabel. Here the same convex problem (after normalising ``K`` by
+    its mean diagonal; the minimiser does not depend on the scale of ``G``) is solved on the tensor's
+    device with no host synchronisation by :func:`~gradsurg.strategies.solvers.minimize_cagrad_dual`:
+    for ``T ≤ 10`` an **exact active-set formula** evaluated on all ``2ᵀ − 1`` faces of the simplex at
+    once (on a face ``S``, ``w_S ∝ λK_S⁻¹1 − K_S⁻¹b_S`` with ``λ`` the root of a quadratic; the best
+    feasible candidate wins), about thirty tensor operations and no iteration; for larger ``T``,
+    ``iterations`` projected-gradient steps followed by ``T`` rounds of a primal active-set method
+    that uses the same formula. On generic inputs the direction agrees with SLSQP run to tight
+    tolerance to better than ``1e-6`` relative for ``T ≤ 12`` and ``2e-5`` at ``T = 16`` (SLSQP's own
+    accuracy). When ``0`` lies in the
     convex hull of the task gradients (e.g. two exactly opposite gradients) the optimum sits at
     ``g_w = 0`` where the direction is not unique; the official code then depends on the ``1e-8``
     constants it adds, which make its result scale dependent. We follow the paper's scale-free
@@ -51,7 +56,8 @@ class CAGrad(GramStrategy):
             0.5 in the official script's default).
         rescale: 0, 1 or 2 as above.
         scale: ``"mean"`` (default, the paper's ``g₀``-based scale) or ``"sum"`` (times ``T``).
-        iterations: Iterations of the simplex solver (``≥ 1``).
+        iterations: Projected-gradient iterations of the solver when ``T > 10`` (``≥ 1``; the exact
+            formula used up to 10 tasks does not iterate).
     """
 
     family = "gram"
@@ -71,7 +77,7 @@ class CAGrad(GramStrategy):
         }
     )
 
-    def __init__(self, *, c: float = 0.4, rescale: int = 1, scale: str = "mean", iterations: int = 100) -> None:
+    def __init__(self, *, c: float = 0.4, rescale: int = 1, scale: str = "mean", iterations: int = 10) -> None:
         name = type(self).__name__
         check_option(
             isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0 and c == c and c != float("inf"),
@@ -98,7 +104,6 @@ class CAGrad(GramStrategy):
 
     def dual_weights(self, gram: Tensor) -> Tensor:
         """The dual solution ``w* ∈ Δ`` for ``gram`` (``Tensor[..., T, T]``)."""
-        tasks = gram.shape[-1]
         norm = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True).unsqueeze(-1)
         k = gram / torch.where(norm > 0, norm, torch.ones_like(norm))
         b = k.mean(dim=-1)

@@ -87,16 +87,19 @@ def projection_coefficients(gram: Tensor, partners: Tensor, outer: Tensor, refer
     if tasks == 1:
         return coefficients
     if reference == "original":
-        partners = partners.to(gram.device)
-        eye = torch.eye(tasks, dtype=gram.dtype, device=gram.device)
-        diagonal = gram.diagonal(dim1=-2, dim2=-1)
-        for step in range(tasks - 1):
-            j = partners[:, step]
+        # Everything indexed by the partner orders is gathered once, before the loop:
+        # columns[..., k, i, m] = K[m, j_k(i)], inverse[..., i, k] = 1/‖g_{j_k(i)}‖² (0 for a zero gradient),
+        # and one_hot[k, i] = e_{j_k(i)}; each step is then a handful of elementwise operations.
+        index = partners.pin_memory().to(gram.device, non_blocking=True) if gram.is_cuda else partners
+        columns = gram[..., :, index].permute(*range(gram.dim() - 2), -1, -2, -3)
+        norms = gram.diagonal(dim1=-2, dim2=-1)[..., index]
+        inverse = safe_divide(torch.ones_like(norms), norms)
+        one_hot = torch.eye(tasks, dtype=gram.dtype, device=gram.device)[index].transpose(0, 1)
+        steps = zip(columns.unbind(-3), inverse.unbind(-1), one_hot.unbind(0))
+        for column, inverse_norm, partner in steps:
             # dots[..., i] = gᵢ'·g_{j(i)} = Σₘ C[i, m] K[m, j(i)]
-            dots = (coefficients * gram[..., :, j].transpose(-1, -2)).sum(dim=-1)
-            norms = diagonal[..., j]
-            step_coef = safe_divide(dots.clamp_max(0), norms)
-            coefficients = coefficients - step_coef.unsqueeze(-1) * eye[j]
+            step_coef = torch.linalg.vecdot(coefficients, column).clamp_max_(0).mul_(inverse_norm)
+            coefficients = torch.addcmul(coefficients, step_coef.unsqueeze(-1), partner, value=-1)
     else:
         for i in outer.tolist():
             for j in partners[i].tolist():

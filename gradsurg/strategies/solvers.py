@@ -91,14 +91,16 @@ def minimize_cagrad_dual(k: Tensor, b: Tensor, phi: Tensor, *, iterations: int) 
     so ``w_S = (λp − q) / 1ᵀ(λp − q)`` (``φ`` cancels). The minimiser is the stationary point of the
     face that contains it in its relative interior, so with ``T ≤`` :data:`EXACT_MAX_TASKS` every
     face is solved at once (one batched ``solve`` of the masked systems ``K⊙mmᵀ + diag(1 − m)``, a
-    relative ridge of ``1000·eps`` on ``K_S`` for rank-deficient faces), both roots are kept when they
-    give ``w ≥ 0``, the ``T`` vertices are added, and the candidate with the smallest ``f`` wins:
-    about thirty tensor operations whatever ``T``, no iteration, no host synchronisation.
+    relative ridge of ``1000·eps`` on ``K_S`` for rank-deficient faces; the larger root ``λ`` with
+    ``1ᵀv > 0``), the points with ``w ≥ 0`` and the ``T`` vertices are the candidates, and the one
+    with the smallest ``f`` wins: about thirty tensor operations whatever ``T``, no iteration, no
+    host synchronisation.
 
     For larger ``T`` (``2ᵀ`` faces would be too many) :func:`minimize_on_simplex` runs
-    ``iterations`` projected-gradient steps from uniform weights, then the formula is applied to
-    its support ``{i : wᵢ > 1e-6}`` ("polish"); the polished point is kept when it is feasible and
-    has a smaller objective.
+    ``iterations`` projected-gradient steps from uniform weights, then ``T`` rounds of a primal
+    active-set method finish the job: each round moves to the optimum of the current face (ratio
+    test: a coordinate that would turn negative leaves the support), then adds the coordinate with
+    the most negative reduced derivative and moves again (:func:`_active_set_step`).
 
     Args:
         k: ``Tensor[..., T, T]``, positive semi-definite (the normalised Gram matrix).
@@ -128,60 +130,80 @@ def minimize_cagrad_dual(k: Tensor, b: Tensor, phi: Tensor, *, iterations: int) 
     start = torch.full_like(b, 1.0 / tasks)
     steps = torch.logspace(-4, 2, 13, dtype=k.dtype, device=k.device)
     w = minimize_on_simplex(objective, gradient, start, iterations=iterations, steps=steps)
-    candidates = torch.cat([_face_stationary_points(k, b, phi, _likely_supports(w, gradient(w))), w.unsqueeze(-2)], -2)
+    for _ in range(tasks):
+        w = _active_set_step(w, k, b, phi, None, objective)
+        w = _active_set_step(w, k, b, phi, gradient(w), objective)
+    return w
+
+
+def _active_set_step(
+    w: Tensor, k: Tensor, b: Tensor, phi: Tensor, grad: Tensor | None, objective: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """One primal active-set step from the feasible ``w`` (``grad`` = ``∇f(w)``).
+
+    The coordinate outside the support ``S = {wᵢ > 0}`` with the most negative reduced derivative
+    ``∂ᵢf − wᵀ∇f`` joins ``S`` (when one is negative). Then ``w`` moves towards the stationary point
+    ``u`` of the face (:func:`_face_points`) as far as the simplex allows (ratio test: the first
+    coordinate to reach 0 leaves the support). ``f`` is convex with its minimum on the face's affine
+    hull at ``u``, so it decreases along the way; the result is kept only if ``f`` did not increase.
+    """
+    face = w > 0
+    if grad is not None:
+        reduced = grad - (w * grad).sum(dim=-1, keepdim=True)
+        reduced = torch.where(face, torch.full_like(grad, float("inf")), reduced)
+        entering = reduced.argmin(dim=-1, keepdim=True)
+        face = face.scatter(-1, entering, reduced.gather(-1, entering) < 0) | face
+    target, valid = _face_points(k, b, phi, face.unsqueeze(-2))
+    target, valid = target.squeeze(-2), valid.squeeze(-2)
+    shrinking = (target < w) & face
+    ratios = torch.where(shrinking, w / torch.where(shrinking, w - target, torch.ones_like(w)), torch.ones_like(w))
+    moved = (w + ratios.amin(dim=-1, keepdim=True).clamp(0, 1) * (target - w)).clamp_min(0)
+    moved = torch.where(moved > torch.finfo(w.dtype).eps, moved, torch.zeros_like(moved))
+    moved = moved / moved.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).eps)
+    candidates = torch.stack([torch.where(valid, moved, w), w], dim=-2)
     return _best(candidates, objective(candidates))
 
 
-def _likely_supports(w: Tensor, grad: Tensor) -> Tensor:
-    """Candidate supports of the minimiser near ``w``, ``Tensor[..., 2L, T]``.
-
-    At the minimiser the coordinates in the support have the smallest partial derivative ``λ``
-    and the others a larger one; an approximate ``w`` identifies the support up to thresholds, so
-    both ``{i : wᵢ > τ}`` and ``{i : ∇ᵢf − min ∇f ≤ τ·spread}`` are tried for several ``τ``.
-    """
-    taus = torch.logspace(-1, -8, 8, dtype=w.dtype, device=w.device).unsqueeze(-1)
-    gap = grad - grad.min(dim=-1, keepdim=True).values
-    spread = gap.max(dim=-1, keepdim=True).values.unsqueeze(-2)
-    by_weight = w.unsqueeze(-2) > taus
-    by_gradient = gap.unsqueeze(-2) <= taus * spread
-    return torch.cat([by_weight, by_gradient], dim=-2)
-
-
-def _face_stationary_points(k: Tensor, b: Tensor, phi: Tensor, masks: Tensor) -> Tensor:
-    """The stationary points of :func:`minimize_cagrad_dual`'s formula on the faces ``masks``.
+def _face_points(k: Tensor, b: Tensor, phi: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """The stationary point of :func:`minimize_cagrad_dual`'s formula on the affine hull of each face.
 
     Args:
         k, b, phi: As in :func:`minimize_cagrad_dual`.
         masks: 0/1 face masks, ``Tensor[F, T]`` or ``Tensor[..., F, T]``.
 
     Returns:
-        ``Tensor[..., 2F, T]``: per face, the point of each root ``λ``, or NaN where it is not a
-        point of the simplex (no real root, ``1ᵀp ≤ 0``, ``1ᵀv ≤ 0`` or a negative weight).
+        The points ``Tensor[..., F, T]`` (summing to 1, possibly with negative weights) and
+        whether each is valid, ``Tensor[..., F, 1]``: a real root ``λ`` with ``1ᵀp > 0`` giving
+        ``1ᵀv > 0`` (the larger root when both do).
     """
     m = masks.to(k.dtype)
     eps = torch.finfo(k.dtype).eps
-    scale = k.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None, None]
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
-    pair = m.unsqueeze(-1) * m.unsqueeze(-2)
-    system = k.unsqueeze(-3) * pair + (1 - m).unsqueeze(-1) * eye + (_RIDGE_ULPS * eps) * scale * torch.diag_embed(m)
+    inside = masks.unsqueeze(-1).bool() & masks.unsqueeze(-2).bool()
+    system = torch.where(inside, k.unsqueeze(-3), eye)  # K_S on the face, the identity elsewhere
+    ridge = (_RIDGE_ULPS * eps) * k.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[..., None, None]
+    system.diagonal(dim1=-2, dim2=-1).add_(ridge * m)
     masked_b = b.unsqueeze(-2) * m
     solution, _ = torch.linalg.solve_ex(system, torch.stack([m.expand_as(masked_b), masked_b], dim=-1))
     p, q = solution[..., 0], solution[..., 1]
-    sum_p, sum_q = p.sum(dim=-1), q.sum(dim=-1)
-    discriminant = sum_q**2 - sum_p * ((masked_b * q).sum(dim=-1) - phi**2)
-    valid = (discriminant >= 0) & (sum_p > 0)
+    sum_p, sum_q = p.sum(dim=-1, keepdim=True), q.sum(dim=-1, keepdim=True)
+    discriminant = sum_q**2 - sum_p * ((masked_b * q).sum(dim=-1, keepdim=True) - phi.unsqueeze(-1) ** 2)
     root = discriminant.clamp_min(0).sqrt()
-    points = []
-    for sign in (1.0, -1.0):
-        lam = safe_divide(sum_q + sign * root, sum_p)
-        v = lam.unsqueeze(-1) * p - q
-        total = v.sum(dim=-1, keepdim=True)
-        w = safe_divide(v, total)
-        feasible = valid & (total.squeeze(-1) > 0) & (w >= -(eps**0.5)).all(dim=-1)
-        w = w.clamp_min(0)
-        w = w / w.sum(dim=-1, keepdim=True).clamp_min(eps)
-        points.append(torch.where(feasible.unsqueeze(-1), w, torch.full_like(w, float("nan"))))
-    return torch.cat(points, dim=-2)
+    v_large = safe_divide(sum_q + root, sum_p) * p - q
+    v_small = safe_divide(sum_q - root, sum_p) * p - q
+    v = torch.where(v_large.sum(dim=-1, keepdim=True) > 0, v_large, v_small)
+    total = v.sum(dim=-1, keepdim=True)
+    return safe_divide(v, total), (discriminant >= 0) & (sum_p > 0) & (total > 0)
+
+
+def _face_stationary_points(k: Tensor, b: Tensor, phi: Tensor, masks: Tensor) -> Tensor:
+    """The points of :func:`_face_points` that lie on the simplex (``w ≥ 0``); NaN rows elsewhere."""
+    w, valid = _face_points(k, b, phi, masks)
+    eps = torch.finfo(k.dtype).eps
+    feasible = valid & (w >= -(eps**0.5)).all(dim=-1, keepdim=True)
+    w = w.clamp_min(0)
+    w = w / w.sum(dim=-1, keepdim=True).clamp_min(eps)
+    return torch.where(feasible, w, torch.full_like(w, float("nan")))
 
 
 def _best(candidates: Tensor, values: Tensor) -> Tensor:
