@@ -13,6 +13,8 @@ from gradsurg.strategies.solvers import minimize_cagrad_dual
 __all__ = ["CAGrad"]
 
 _RESCALE_MODES = (0, 1, 2)
+# ‖g_w*‖ below this fraction of the typical gradient norm counts as the degenerate optimum g_w* = 0.
+_DEGENERATE_RTOL = 1e-5
 
 
 @register_strategy("cagrad", aliases=("ca_grad",))
@@ -42,11 +44,12 @@ class CAGrad(GramStrategy):
     ``iterations`` projected-gradient steps followed by ``T`` rounds of a primal active-set method
     that uses the same formula. On generic inputs the direction agrees with SLSQP run to tight
     tolerance to better than ``1e-6`` relative for ``T ≤ 12`` and ``2e-5`` at ``T = 16`` (SLSQP's own
-    accuracy). When ``0`` lies in the
-    convex hull of the task gradients (e.g. two exactly opposite gradients) the optimum sits at
-    ``g_w = 0`` where the direction is not unique; the official code then depends on the ``1e-8``
-    constants it adds, which make its result scale dependent. We follow the paper's scale-free
-    problem and use ``d = g₀`` when ``‖g_w*‖ = 0``.
+    accuracy). When ``0`` lies in the convex hull of the task gradients (e.g. two exactly opposite
+    gradients) the dual optimum can be ``g_w* = 0``, where ``g_w/‖g_w‖`` is undefined; the official
+    code then depends on the ``1e-8`` constants it adds, which make its result scale dependent. We
+    follow the paper's scale-free problem: when ``‖g_w*‖ ≤ 1e-5`` of the typical gradient norm, the
+    primal optimum value is 0 and is reached by ``d = 0`` when the ball contains it (``c ≥ 1``), else
+    by ``d = g₀`` (``0`` on the boundary of the hull); tested against the primal problem.
 
     Scale: with ``rescale=1`` and one task, ``d = g (1 + c)/(1 + c²)``. The official supervised
     trainer multiplies the direction by ``T`` to match a summed loss; pass ``scale="sum"`` for that.
@@ -118,6 +121,14 @@ class CAGrad(GramStrategy):
         gw_norm = ((gram @ w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
         lam = safe_divide(self.c * g0_norm, gw_norm)
         weights = 1.0 / tasks + lam * w
+        # Degenerate case: 0 lies in the convex hull and the dual optimum is g_w* = 0 (value 0), so the
+        # unit vector g_w/‖g_w‖ is undefined (the solver leaves a rounding-level g_w). The primal is then
+        # solved by any d in the ball that conflicts with no task: d = 0 when the ball contains it
+        # (c ≥ 1), else d = g₀ (0 on the boundary of the hull). Decided on the device, without a sync.
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True).clamp_min(0).sqrt()
+        degenerate = gw_norm <= _DEGENERATE_RTOL * scale
+        fallback = torch.full_like(weights, 0.0 if self.c >= 1 else 1.0 / tasks)
+        weights = torch.where(degenerate, fallback, weights)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         multiplier = float(tasks) if self.scale == "sum" else 1.0
         return weights * (multiplier / divisor)
