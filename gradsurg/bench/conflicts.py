@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradsurg.diagnostics.stats import group_stats
+
 __all__ = ["conflict_share", "task_gradients"]
 
 
@@ -35,9 +37,9 @@ def conflict_share(grads: Tensor) -> float:
     tasks = grads.shape[0]
     if tasks < 2:
         return math.nan
-    gram = grads.double() @ grads.double().T
-    upper = torch.triu(torch.ones(tasks, tasks, dtype=torch.bool, device=grads.device), diagonal=1)
-    return float((gram[upper] < 0).double().mean())
+    exact = grads.double()
+    ones = torch.ones(tasks, dtype=exact.dtype, device=exact.device)
+    return float(group_stats(exact @ exact.T, weights=ones).conflict_share)
 
 
 def task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:

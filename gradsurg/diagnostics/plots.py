@@ -16,7 +16,7 @@ from typing import Any
 from gradsurg.diagnostics.stats import StepStats
 from gradsurg.errors import InvalidOptionError, missing_dependency
 
-__all__ = ["conflict_heatmap", "cosine_matrices", "gradient_norms", "load_records"]
+__all__ = ["conflict_heatmap", "cosine_matrices", "gradient_norms", "load_records", "short_names"]
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -44,6 +44,17 @@ def _finish(figure: Any, path: str | Path | None) -> Any:
     return figure
 
 
+def short_names(names: Sequence[str]) -> list[str]:
+    """The names without the dotted prefix they all share (``"<root>"``-like names are kept)."""
+    if len(names) < 2:
+        return [n.rsplit(".", 2)[-1] if len(n) > 40 else n for n in names]
+    split = [n.split(".") for n in names]
+    common = 0
+    while all(len(parts) > common + 1 for parts in split) and len({parts[common] for parts in split}) == 1:
+        common += 1
+    return [".".join(parts[common:]) for parts in split]
+
+
 def _checked(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     rows = list(records)
     if not rows:
@@ -64,7 +75,7 @@ def conflict_heatmap(records: Iterable[Mapping[str, Any]], path: str | Path | No
         grid[line[str(r["group"])]][column[int(r["step"])]] = float(r["conflict_share"])
     figure, axis = plt.subplots(figsize=(min(14, 4 + len(steps) / 10), max(3, 0.25 * len(groups) + 1.5)))
     image = axis.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=1.0)
-    axis.set_yticks(range(len(groups)), labels=groups, fontsize=7)
+    axis.set_yticks(range(len(groups)), labels=short_names(groups), fontsize=7)
     ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
     axis.set_xticks(ticks, labels=[str(steps[i]) for i in ticks])
     axis.set_xlabel("step")
@@ -116,14 +127,15 @@ def cosine_matrices(
         )
     columns = min(4, len(names))
     lines = math.ceil(len(names) / columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 2.8 * lines), squeeze=False)
+    figure, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 3.2 * lines), squeeze=False)
     image = None
-    for axis, name in zip(axes.flat, names):
+    for axis, name, title in zip(axes.flat, names, short_names(names)):
         matrix = stats.groups[name].cosine.detach().cpu().float().numpy()
         image = axis.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
-        axis.set_title(name, fontsize=7)
+        axis.set_title(title, fontsize=7)
         axis.set_xticks(range(len(stats.tasks)), labels=stats.tasks, fontsize=6, rotation=45)
-        axis.set_yticks(range(len(stats.tasks)), labels=stats.tasks, fontsize=6)
+        first_column = list(axes.flat).index(axis) % columns == 0
+        axis.set_yticks(range(len(stats.tasks)), labels=stats.tasks if first_column else [], fontsize=6)
     for axis in list(axes.flat)[len(names) :]:
         axis.axis("off")
     if image is not None:
