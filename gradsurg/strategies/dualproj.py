@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice
+from gradsurg.strategies.base import Context
 from gradsurg.strategies.qp import project_dual_cone
 from gradsurg.strategies.registry import register_strategy
+from gradsurg.strategies.upgrad import UPGrad
 
 __all__ = ["DualProj"]
 
 
 @register_strategy("dualproj", aliases=("dual_proj",))
-class DualProj(GramStrategy):
+class DualProj(UPGrad):
     r"""DualProj: project the mean gradient onto the dual cone of the task gradients.
+
+    (It shares UPGrad's options, properties and preference vector, hence the subclass.)
 
     With ``C = {d : gⱼ·d ≥ 0 ∀j}`` the dual cone of the rows of ``G``, DualProj returns
 
@@ -44,30 +47,9 @@ class DualProj(GramStrategy):
         scale: ``"mean"`` (default) or ``"sum"``.
     """
 
-    family = "gram"
     cost = "O(T²·n) + a T×T active-set solve"
     summary = "Project the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."
-    paper = (
-        "P. Quinton, V. Rey, Jacobian Descent for Multi-Objective Optimization, 2024. https://arxiv.org/abs/2406.16232"
-    )
-    batched = True
-    properties = frozenset(
-        {
-            Property.SCALE_EQUIVARIANT,
-            Property.ONE_TASK_IDENTITY,
-            Property.ONE_TASK_POSITIVE,
-            Property.PERMUTATION_INVARIANT,
-            Property.IN_ROW_SPAN,
-        }
-    )
-
-    scale: str
-
-    def __init__(self, *, scale: str = "mean") -> None:
-        check_choice(scale, ("mean", "sum"), type(self).__name__, "scale")
-        self._set_options(scale=scale)
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        tasks = gram.shape[-1]
-        preference = 1.0 if self.scale == "sum" else 1.0 / tasks
-        return project_dual_cone(gram, torch.full(gram.shape[:-1], preference, dtype=gram.dtype, device=gram.device))
+        mean = torch.full(gram.shape[:-1], self.preference(gram), dtype=gram.dtype, device=gram.device)
+        return project_dual_cone(gram, mean)

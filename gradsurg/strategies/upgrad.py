@@ -70,8 +70,11 @@ class UPGrad(GramStrategy):
         check_choice(scale, ("mean", "sum"), type(self).__name__, "scale")
         self._set_options(scale=scale)
 
+    def preference(self, gram: Tensor) -> float:
+        """The weight of every task in the vector(s) to project: ``1/T`` (``"mean"``) or 1 (``"sum"``)."""
+        return 1.0 if self.scale == "sum" else 1.0 / gram.shape[-1]
+
     def weights(self, gram: Tensor, context: Context) -> Tensor:
         tasks = gram.shape[-1]
-        preference = 1.0 if self.scale == "sum" else 1.0 / tasks
-        rows = (torch.eye(tasks, dtype=gram.dtype, device=gram.device) * preference).expand_as(gram)
+        rows = (torch.eye(tasks, dtype=gram.dtype, device=gram.device) * self.preference(gram)).expand_as(gram)
         return project_dual_cone(gram, rows).sum(dim=-2)
