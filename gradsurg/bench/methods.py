@@ -20,7 +20,7 @@ them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +29,11 @@ from torch import Tensor
 from gradsurg.bench.suites.base import MultiTaskModel
 from gradsurg.errors import InvalidOptionError
 from gradsurg.groups import whole
-from gradsurg.strategies.base import Requirement
+from gradsurg.strategies.base import Need, Requirement
 from gradsurg.strategies.registry import strategy_info
 from gradsurg.surgeon import Surgeon
 
-__all__ = ["GRANULARITIES", "Method", "make_backward", "parse_strategies"]
+__all__ = ["GRANULARITIES", "Method", "Stepper", "make_backward", "parse_strategies"]
 
 #: Parameter grouping of strategies that do not require LoRA factor groups.
 GRANULARITIES: tuple[str, ...] = ("flat", "layer", "factor")
@@ -102,12 +102,37 @@ def parse_strategies(spec: str, granularity: str = "flat") -> list[Method]:
     return list(methods.values())
 
 
-def make_backward(method: Method, model: MultiTaskModel, seed: int) -> Backward:
-    """The function that turns one step's ``{task: loss}`` into ``.grad`` for ``method``.
+@dataclass
+class Stepper:
+    """How one run turns a step's ``{task: loss}`` into ``.grad``, and what else it needs.
+
+    Attributes:
+        backward: Writes the step's direction into ``.grad``.
+        parameters: Learnable parameters of the strategy (e.g. ``uw``'s log-variances), optimised
+            with the model's.
+        surgeon: The run's Surgeon (``None`` for ``joint`` and ``single``); strategies that need the
+            losses after the optimizer step get them through ``surgeon.update``.
+    """
+
+    backward: Backward
+    parameters: list[torch.nn.Parameter]
+    surgeon: Surgeon | None = None
+
+    @property
+    def needs_post_step_losses(self) -> bool:
+        """Whether :meth:`Surgeon.update` must be called after each optimizer step (FAMO)."""
+        return self.surgeon is not None and any(
+            Need.POST_STEP_LOSSES in s.needs for s in self.surgeon.strategies.values()
+        )
+
+
+def make_backward(method: Method, model: MultiTaskModel, seed: int, tasks: Sequence[str]) -> Stepper:
+    """The :class:`Stepper` of ``method`` for a run on ``tasks``.
 
     ``joint`` and ``single`` call ``sum(losses).backward()`` directly (no Surgeon, no per-task
     gradients: the cost users pay today). A strategy gets a :class:`~gradsurg.Surgeon` seeded by
-    ``seed`` over the groups described in the module docstring.
+    ``seed`` over the groups described in the module docstring, told the task names (so strategies
+    with learnable weights can create them before the optimizer is built).
     """
     if not method.is_strategy:
 
@@ -115,9 +140,10 @@ def make_backward(method: Method, model: MultiTaskModel, seed: int) -> Backward:
             values = list(losses.values())
             torch.autograd.backward(sum(values[1:], start=values[0]))  # = sum(losses).backward()
 
-        return plain
+        return Stepper(plain, [])
     if method.granularity == "flat":
         groups = whole(model.shared_parameters(), name="lora", label="lora")
     else:
         groups = model.lora_groups(method.granularity)
-    return Surgeon(groups, method.name, seed=seed).backward
+    surgeon = Surgeon(groups, method.name, seed=seed, tasks=list(tasks))
+    return Stepper(surgeon.backward, list(surgeon.parameters()), surgeon)

@@ -177,10 +177,10 @@ def train_run(
         model = workload.build_model(spec.seed)
         model.train()
         torch.manual_seed(sub_seed(spec.seed, "dropout"))
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        stepper = make_backward(spec.method, model, spec.seed, spec.tasks)
+        trainable = [p for p in model.parameters() if p.requires_grad] + stepper.parameters
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-        backward = make_backward(spec.method, model, spec.seed)
         shared = model.shared_parameters()
         streams = {t.name: BatchStream(len(t.train_labels), config.batch_size, spec.seed, t.name) for t in tasks}
         eval_steps = _evenly_spaced(config.eval_points, config.steps)
@@ -193,10 +193,11 @@ def train_run(
             _sync(device)
             tick = time.perf_counter()
             losses = {}
+            batches = {}
             for task in tasks:
                 index = next(streams[task.name]).to(device)
-                inputs = {k: v[index] for k, v in task.train_inputs.items()}
-                losses[task.name] = F.cross_entropy(model(task.name, inputs), task.train_labels[index])
+                batches[task.name] = ({k: v[index] for k, v in task.train_inputs.items()}, task.train_labels[index])
+                losses[task.name] = F.cross_entropy(model(task.name, batches[task.name][0]), batches[task.name][1])
             probe_time = 0.0
             if probing and step in probe_steps:
                 _sync(device)
@@ -205,8 +206,12 @@ def train_run(
                     conflicts.append(conflict_share(task_gradients(list(losses.values()), shared)))
                 _sync(device)
                 probe_time = time.perf_counter() - probe_start
-            backward(losses)
+            stepper.backward(losses)
             optimizer.step()
+            if stepper.needs_post_step_losses and stepper.surgeon is not None:
+                with torch.no_grad():  # FAMO: the same batches' losses under the new parameters
+                    after = {name: F.cross_entropy(model(name, x), y) for name, (x, y) in batches.items()}
+                stepper.surgeon.update(after)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _sync(device)

@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("peft")
 
-from gradsurg.bench.methods import Method, make_backward, parse_strategies
+from gradsurg.bench.methods import Method, Stepper, make_backward, parse_strategies
 from gradsurg.bench.suites.base import Workload
 from gradsurg.bench.suites.synthetic import SyntheticSuite
 from gradsurg.bench.train import BatchStream, RunSpec, train_run
 from gradsurg.errors import InvalidOptionError, UnknownStrategyError
+from gradsurg.surgeon import Surgeon
 
 CPU = torch.device("cpu")
 SUITE = SyntheticSuite()
@@ -33,6 +34,10 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def workload() -> Workload:
     return SUITE.prepare(CPU)
+
+
+def _tasks(workload: Workload) -> tuple[str, ...]:
+    return tuple(t.name for t in workload.tasks)
 
 
 def _losses(model: torch.nn.Module, workload: Workload) -> dict[str, torch.Tensor]:
@@ -70,7 +75,7 @@ def test_joint_is_a_plain_sum_and_equals_the_sum_strategy(workload: Workload) ->
     grads = []
     for method in (Method("joint"), Method("sum")):
         model = workload.build_model(0)
-        make_backward(method, model, 0)(_losses(model, workload))
+        make_backward(method, model, 0, _tasks(workload)).backward(_losses(model, workload))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
@@ -80,15 +85,32 @@ def test_joint_is_a_plain_sum_and_equals_the_sum_strategy(workload: Workload) ->
 def test_groups_flat_for_pcgrad_and_per_factor_for_ortho_lora(workload: Workload) -> None:
     model = workload.build_model(0)
     shared = sum(p.numel() for p in model.shared_parameters())
-    flat = make_backward(Method("pcgrad"), model, 0).__self__.groups  # type: ignore[attr-defined]
+    flat = _surgeon(make_backward(Method("pcgrad"), model, 0, _tasks(workload))).groups
     assert len(flat) == 1 and flat[0].numel == shared
     (ortho,) = parse_strategies("ortho_lora", "flat")
     assert ortho.granularity == "layer"
-    groups = make_backward(ortho, model, 0).__self__.groups  # type: ignore[attr-defined]
+    groups = _surgeon(make_backward(ortho, model, 0, _tasks(workload))).groups
     assert sorted(g.label for g in groups) == ["lora_A", "lora_A", "lora_B", "lora_B"]
     assert sum(g.numel for g in groups) == shared
     head_ids = {id(p) for p in model.heads.parameters()}
     assert not any(id(p) in head_ids for g in groups for p in g.params)
+
+
+def _surgeon(stepper: Stepper) -> Surgeon:
+    assert stepper.surgeon is not None
+    return stepper.surgeon
+
+
+@pytest.mark.parametrize("strategy", ["uw", "gradnorm", "famo", "dwa"])
+def test_strategies_with_learnable_weights_or_post_step_losses_train(workload: Workload, strategy: str) -> None:
+    """Every registered strategy runs in a comparison: learnable weights join the optimizer, FAMO gets its update."""
+    tasks = tuple(t.name for t in workload.tasks)
+    config = dataclasses.replace(CONFIG, steps=3, eval_points=1, probe_points=1)
+    result = train_run(workload, RunSpec(method=Method(strategy), tasks=tasks, seed=0), config, CPU)
+    assert set(result.final) == set(tasks) and all(0.0 <= v <= 1.0 for v in result.final.values())
+    stepper = make_backward(Method(strategy), workload.build_model(0), 0, tasks)
+    assert (len(stepper.parameters) > 0) == (strategy in ("uw", "gradnorm"))
+    assert stepper.needs_post_step_losses == (strategy == "famo")
 
 
 def test_parse_strategies_resolves_names_and_refuses_unknown_ones() -> None:
