@@ -56,6 +56,40 @@ def peak_rss_growth_mib(fn: Callable[[], object]) -> float:
 _clock: Callable[[], float] = time.process_time
 
 
+@dataclass(frozen=True)
+class StepArguments:
+    """The command line shared by the MiniLM step benchmarks."""
+
+    quick: bool
+    tasks: int
+    batch: int
+    seq: int
+    repeats: int
+    clock: str
+
+
+def step_arguments(description: str, default_repeats: int) -> StepArguments:
+    """Parse ``--quick/--tasks/--batch/--seq/--repeats/--wall`` and set up the clock."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny batch, a few seconds")
+    parser.add_argument("--tasks", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="samples per task")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sample")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--wall", action="store_true", help="wall-clock time with torch's default threads")
+    args = parser.parse_args()
+    return StepArguments(
+        quick=args.quick,
+        tasks=args.tasks or (2 if args.quick else 4),
+        batch=args.batch or (2 if args.quick else 8),
+        seq=args.seq or (8 if args.quick else 32),
+        repeats=args.repeats or (2 if args.quick else default_repeats),
+        clock=setup_clock(args.wall),
+    )
+
+
 def setup_clock(wall: bool) -> str:
     """Choose the clock (CPU time with one torch thread, or wall time); returns a description."""
     global _clock

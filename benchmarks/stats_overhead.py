@@ -13,10 +13,8 @@ Run: ``python benchmarks/stats_overhead.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import interleaved_medians, ms, print_table, setup_clock
+from _common import interleaved_medians, ms, print_table, step_arguments
 from _minilm import build
 from train_step import surgeon_variant
 
@@ -25,19 +23,8 @@ from gradsurg.diagnostics.stats import group_stats, split_stats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny batch, a few seconds")
-    parser.add_argument("--tasks", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="samples per task")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sample")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--wall", action="store_true", help="wall-clock time with torch's default threads")
-    args = parser.parse_args()
-    tasks = args.tasks or (2 if args.quick else 4)
-    batch = args.batch or (2 if args.quick else 8)
-    seq = args.seq or (8 if args.quick else 32)
-    repeats = args.repeats or (2 if args.quick else 7)
-    clock = setup_clock(args.wall)
+    args = step_arguments(__doc__.splitlines()[0], default_repeats=7)
+    tasks, batch, seq, repeats, clock = args.tasks, args.batch, args.seq, args.repeats, args.clock
     setup = build(tasks, batch, seq)
     print(f"MiniLM-L6 + LoRA, {tasks} tasks x {batch} samples x {seq} tokens, ortho_lora, segment engine; {clock}")
     shapes: dict[tuple[int, ...], int] = {}

@@ -20,7 +20,6 @@ Run: ``python benchmarks/train_step.py [--quick] [--tasks 4 --batch 8 --seq 32]`
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -31,7 +30,7 @@ from _common import (
     peak_rss_growth_mib,
     print_table,
     reexec_with_mmap_threshold,
-    setup_clock,
+    step_arguments,
 )
 from _minilm import Setup, build
 
@@ -164,19 +163,8 @@ def ratio(value: float, reference: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny batch, a few seconds")
-    parser.add_argument("--tasks", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="samples per task")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sample")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--wall", action="store_true", help="wall-clock time with torch's default threads")
-    args = parser.parse_args()
-    tasks = args.tasks or (2 if args.quick else 4)
-    batch = args.batch or (2 if args.quick else 8)
-    seq = args.seq or (8 if args.quick else 32)
-    repeats = args.repeats or (2 if args.quick else 5)
-    clock = setup_clock(args.wall)
+    args = step_arguments(__doc__.splitlines()[0], default_repeats=5)
+    tasks, batch, seq, repeats, clock = args.tasks, args.batch, args.seq, args.repeats, args.clock
     setup = build(tasks, batch, seq)
     print(
         f"MiniLM-L6 + LoRA r=8 on query/value (24 groups), {tasks} tasks x {batch} samples x {seq} tokens; "
