@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,13 +21,7 @@ SUITE = SyntheticSuite()
 CONFIG = dataclasses.replace(SUITE.train, steps=8, eval_points=2, probe_points=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: torch's thread pool only adds overhead (a lot of it on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (fixture in tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
