@@ -12,8 +12,12 @@ the rows of ``C`` are then independent and all tasks advance together, one partn
 literal in-place reading of Ortho-LoRA's Algorithm 1), so tasks are processed one after another in
 the outer order.
 
-A zero ``gⱼ`` never triggers a projection (``gᵢ·gⱼ = 0`` is not a conflict), and the division is
-guarded so that no ``inf``/``nan`` appears even in the branch that is not taken.
+A zero ``gⱼ`` never triggers a projection (``gᵢ·gⱼ = 0`` is not a conflict): its ``1/‖gⱼ‖²`` is
+taken as exactly 0, so no ``inf``/``nan`` reaches the result.
+
+Cost of ``"original"``: after a handful of gathers, ``T − 1`` steps of two elementwise kernels on
+``T × (T − 1)`` tensors (all tasks advance together), then one scatter for ``w`` — a fixed number of
+operations, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -74,7 +78,12 @@ def projection_weights(gram: Tensor, partners: Tensor, outer: Tensor, reference:
     Returns:
         ``Tensor[..., T]``, the weights ``w = 1ᵀ C`` (``C`` from :func:`projection_coefficients`).
     """
-    return projection_coefficients(gram, partners, outer, reference).sum(dim=-2)
+    if reference == "sequential" or gram.shape[-1] == 1:
+        return projection_coefficients(gram, partners, outer, reference).sum(dim=-2)
+    steps, index = _original_steps(gram, partners)
+    # w = 1ᵀC with C = I − Σₖ sᵢₖ e_{jₖ(i)}ᵀ: every step subtracts its multiple from its partner's weight.
+    flat = index.flatten().expand(*gram.shape[:-2], -1)
+    return torch.ones_like(gram[..., 0, :]).scatter_add_(-1, flat, steps.flatten(-2).neg())
 
 
 def projection_coefficients(gram: Tensor, partners: Tensor, outer: Tensor, reference: Reference) -> Tensor:
@@ -87,26 +96,40 @@ def projection_coefficients(gram: Tensor, partners: Tensor, outer: Tensor, refer
     if tasks == 1:
         return coefficients
     if reference == "original":
-        # Everything indexed by the partner orders is gathered once, before the loop:
-        # columns[..., k, i, m] = K[m, j_k(i)], inverse[..., i, k] = 1/‖g_{j_k(i)}‖² (0 for a zero gradient),
-        # and one_hot[k, i] = e_{j_k(i)}; each step is then a handful of elementwise operations.
-        index = partners.pin_memory().to(gram.device, non_blocking=True) if gram.is_cuda else partners
-        columns = gram[..., :, index].permute(*range(gram.dim() - 2), -1, -2, -3)
-        norms = gram.diagonal(dim1=-2, dim2=-1)[..., index]
-        inverse = safe_divide(torch.ones_like(norms), norms)
-        one_hot = torch.eye(tasks, dtype=gram.dtype, device=gram.device)[index].transpose(0, 1)
-        steps = zip(columns.unbind(-3), inverse.unbind(-1), one_hot.unbind(0))
-        for column, inverse_norm, partner in steps:
-            # dots[..., i] = gᵢ'·g_{j(i)} = Σₘ C[i, m] K[m, j(i)]
-            step_coef = torch.linalg.vecdot(coefficients, column).clamp_max_(0).mul_(inverse_norm)
-            coefficients = torch.addcmul(coefficients, step_coef.unsqueeze(-1), partner, value=-1)
-    else:
-        for i in outer.tolist():
-            for j in partners[i].tolist():
-                ci, cj = coefficients[..., i, :], coefficients[..., j, :]
-                kcj = (gram @ cj.unsqueeze(-1)).squeeze(-1)
-                dot = (ci * kcj).sum(dim=-1)
-                norm = (cj * kcj).sum(dim=-1)
-                coef = safe_divide(dot.clamp_max(0), norm)
-                coefficients[..., i, :] = ci - coef.unsqueeze(-1) * cj
+        steps, index = _original_steps(gram, partners)
+        return coefficients.scatter_add_(-1, index.expand_as(steps), steps.neg())
+    for i in outer.tolist():
+        for j in partners[i].tolist():
+            ci, cj = coefficients[..., i, :], coefficients[..., j, :]
+            kcj = (gram @ cj.unsqueeze(-1)).squeeze(-1)
+            dot = (ci * kcj).sum(dim=-1)
+            norm = (cj * kcj).sum(dim=-1)
+            coef = safe_divide(dot.clamp_max(0), norm)
+            coefficients[..., i, :] = ci - coef.unsqueeze(-1) * cj
     return coefficients
+
+
+def _original_steps(gram: Tensor, partners: Tensor) -> tuple[Tensor, Tensor]:
+    """The projection steps of ``reference="original"``: ``gᵢ' = gᵢ − Σₖ sᵢₖ g_{jₖ(i)}``.
+
+    Only the scaled inner products ``Eᵢₗ = gᵢ'·g_{jₗ(i)} / ‖g_{jₗ(i)}‖²`` of each running gradient with
+    its own partners are tracked (``Tensor[..., T, T−1]``; 0 for a zero partner). Step ``k`` reads
+    ``sᵢₖ = min(Eᵢₖ, 0)`` for all tasks at once and updates ``Eᵢₗ −= sᵢₖ K[jₖ(i), jₗ(i)] / ‖g_{jₗ(i)}‖²``:
+    two elementwise kernels per partner, everything indexed by the orders being gathered before the loop.
+
+    Returns:
+        ``s`` (``Tensor[..., T, T−1]``) and the partner table on ``gram``'s device (``Tensor[T, T−1]``).
+    """
+    index = partners.pin_memory().to(gram.device, non_blocking=True) if gram.is_cuda else partners
+    norms = gram.diagonal(dim1=-2, dim2=-1)[..., index]
+    inverse = torch.where(norms > 0, norms, torch.inf).reciprocal_()  # 1/‖g_j‖², exactly 0 for a zero g_j
+    scaled = gram.gather(-1, index.expand(*gram.shape[:-2], -1, -1)).mul_(inverse)
+    cross = gram[..., index.unsqueeze(-1), index.unsqueeze(-2)].mul_(inverse.unsqueeze(-2))  # [..., i, k, l]
+    steps = torch.empty_like(scaled)
+    # Column views [..., T, 1] are taken once, so the loop creates no views: two kernels per partner.
+    columns = zip(scaled.unsqueeze(-1).unbind(-2), steps.unsqueeze(-1).unbind(-2), cross.unbind(-2))
+    for k, (value, step, row) in enumerate(columns):
+        torch.clamp(value, max=0, out=step)
+        if k + 1 < index.shape[-1]:
+            scaled.addcmul_(step, row, value=-1)
+    return steps, index
