@@ -8,8 +8,9 @@
 * :class:`SegmentEngine` (``"segment"``) — **one** forward over the concatenated batch of all tasks
   and **one** backward of the summed loss. When every sample belongs to one task and samples do not
   interact in the forward pass, the gradient of a Linear-type layer ``y = x Wᵀ + b`` splits over
-  samples: ``∂L/∂W = Σₙ δₙᵀ xₙ`` with ``δ = ∂L/∂y``. Forward hooks keep each layer's input ``x``,
-  tensor hooks its output gradient ``δ``, and task ``t``'s gradient is the same sum restricted to
+  samples: ``∂L/∂W = Σₙ δₙᵀ xₙ`` with ``δ = ∂L/∂y``. Forward hooks keep each layer's input ``x`` and
+  the gradient edge of its output; the one backward returns ``δ`` at those edges (the group
+  parameters' own summed gradients are not computed at all), and task ``t``'s gradient is the same sum restricted to
   its samples: ``∂Lₜ/∂W = Σ_{n ∈ t} δₙᵀ xₙ`` and ``∂Lₜ/∂b = Σ_{n ∈ t} δₙ`` (sums run over every
   position of a sequence too). The per-task gradients thus cost what one weight gradient costs.
   Supported layers: ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B`` are ``nn.Linear``) and GPT-2's
@@ -30,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from gradsurg.errors import IncompatibleGroupError, InvalidLossError, InvalidOptionError
@@ -109,15 +111,16 @@ class BatchedEngine(GradientEngine):
                 "The batched engine needs every operation of the backward pass to support vmap; this model's does "
                 f"not ({str(exc).splitlines()[0]}). Use engine='loop'."
             ) from exc
-        return EngineResult(
-            [tuple(None if g is None else g[t] for g in grads) for t in range(len(losses))]
-        )
+        return EngineResult([tuple(None if g is None else g[t] for g in grads) for t in range(len(losses))])
 
 
 @dataclass
 class _Capture:
+    """What the forward hook keeps of each call of a hooked layer: its input and its output's gradient edge."""
+
     inputs: list[Tensor] = field(default_factory=list)
-    output_grads: list[Tensor] = field(default_factory=list)
+    edges: list[GradientEdge] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)
 
 
 class SegmentEngine(GradientEngine):
@@ -138,6 +141,8 @@ class SegmentEngine(GradientEngine):
         self._owners: dict[int, tuple[nn.Module, str, str]] = {}
         self._supported = False
         self._unsupported: list[str] = []
+        self._names: dict[nn.Module, str] = {}
+        self._batchnorms: list[tuple[str, nn.Module]] = []
 
     # -------------------------------------------------------------- binding
     def bind(self, groups: Sequence[ParamGroup], model: nn.Module | None) -> None:
@@ -149,14 +154,16 @@ class SegmentEngine(GradientEngine):
             )
         self._model = model
         wanted = {id(p) for g in groups for p in g.params}
-        for module in model.modules():
+        # Names and BatchNorm layers are looked up once here, not in every step (a walk over every module).
+        self._names = {module: name for name, module in model.named_modules()}
+        batchnorm = nn.modules.batchnorm._BatchNorm
+        self._batchnorms = [(name, module) for module, name in self._names.items() if isinstance(module, batchnorm)]
+        for module in self._names:
             kind = _layer_kind(module)
             for param_name, param in module.named_parameters(recurse=False):
                 if id(param) in wanted and kind is not None and param_name in ("weight", "bias"):
                     self._owners[id(param)] = (module, param_name, kind)
-        self._unsupported = [
-            _describe(g, p) for g in groups for p in g.params if id(p) not in self._owners
-        ]
+        self._unsupported = [_describe(g, p) for g in groups for p in g.params if id(p) not in self._owners]
         self._supported = not self._unsupported
         if self._supported:
             for module in {owner for owner, _, _ in self._owners.values()}:
@@ -184,14 +191,16 @@ class SegmentEngine(GradientEngine):
             return
         capture = self._captures.setdefault(module, _Capture())
         capture.inputs.append(args[0].detach())
-        index = len(capture.inputs) - 1
-
-        def keep_grad(grad: Tensor) -> None:
-            while len(capture.output_grads) <= index:
-                capture.output_grads.append(torch.zeros(()))
-            capture.output_grads[index] = grad.detach()
-
-        output.register_hook(keep_grad)  # type: ignore[no-untyped-call]
+        # The edge, not the tensor: an in-place op applied to the output later (ReLU(inplace=True), a residual
+        # `+=`) re-points the tensor's grad_fn, while the edge keeps the gradient of the value the layer
+        # produced. On more than 2 dimensions nn.Linear returns a reshaped view of a matrix product, and an
+        # in-place op on a view rewrites the history of its base: the edge is then taken on the base (same
+        # elements in the same order), whose producing node stays in the graph.
+        base = output._base if output._is_view() else None
+        same_layout = base is not None and base.numel() == output.numel() and base.is_contiguous()
+        target = base if base is not None and same_layout and output.is_contiguous() and base.requires_grad else output
+        capture.edges.append(get_gradient_edge(target))
+        capture.shapes.append(output.shape)
 
     # -------------------------------------------------------------- gradients
     def gradients(
@@ -214,60 +223,95 @@ class SegmentEngine(GradientEngine):
             )
         ids = _check_task_ids(task_ids, tasks)
         self._check_no_batchnorm()
+        modules: dict[nn.Module, _Capture] = {}
+        for param in inputs[:group_inputs]:
+            module = self._owners[id(param)][0]
+            if module not in modules:
+                modules[module] = self._capture(module)
+        others = [get_gradient_edge(leaf) for leaf in inputs[group_inputs:]]
+        edges = [*others, *(edge for capture in modules.values() for edge in capture.edges)]
         total = torch.stack([loss.reshape(()) for loss in losses]).sum()
-        summed = torch.autograd.grad(total, inputs, allow_unused=True)
+        # One backward of the summed loss to the other leaves and to the hooked layers' outputs: the group
+        # parameters' own (summed) gradients are never computed, their per-task ones are built below.
+        grads = torch.autograd.grad(total, edges, allow_unused=True)
+        deltas = iter(grads[len(others) :])
         order, counts = _segments(ids, tasks)
-        per_module: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+        per_module: dict[nn.Module, tuple[Tensor, Tensor | None]] = {}
+        for module, capture in modules.items():
+            calls = zip(capture.inputs, capture.shapes, deltas)
+            pairs = [(x, delta.reshape(shape)) for x, shape, delta in calls if delta is not None]
+            if not pairs:  # its parameters are reached (they are inputs), so the gradient went around the output
+                raise IncompatibleGroupError(
+                    f"The segment engine could not read the output gradient of module {self._module_name(module)!r}: "
+                    "the loss reaches its parameters but not through the output the forward hook saw (an in-place "
+                    "operation on a view of the output, or the parameters used outside the layer). Use engine='loop'."
+                )
+            per_module[module] = self._module_task_grads(module, pairs, ids.numel(), order, counts)
         per_task: list[list[Tensor | None]] = [[None] * len(inputs) for _ in range(tasks)]
         for index, param in enumerate(inputs[:group_inputs]):
             module, param_name, kind = self._owners[id(param)]
-            if summed[index] is None:
-                continue
-            if module not in per_module:
-                per_module[module] = self._module_task_grads(module, kind, ids.numel(), order, counts)
-            for t, (weight_grad, bias_grad) in enumerate(per_module[module]):
-                per_task[t][index] = weight_grad if param_name == "weight" else bias_grad
-        for index in range(group_inputs, len(inputs)):
-            per_task[0][index] = summed[index]
+            weight, bias = per_module[module]
+            if kind == "conv1d":  # Conv1D stores W as [in, out]
+                weight = weight.mT
+            stacked = bias if param_name == "bias" else weight
+            if stacked is not None:
+                for t in range(tasks):
+                    per_task[t][index] = stacked[t]
+        for index, grad in enumerate(grads[: len(others)], start=group_inputs):
+            per_task[0][index] = grad
         return EngineResult([tuple(row) for row in per_task], others_summed=True)
 
-    def _module_task_grads(
-        self, module: nn.Module, kind: str, samples: int, order: Tensor | None, counts: list[int]
-    ) -> list[tuple[Tensor, Tensor]]:
+    def _capture(self, module: nn.Module) -> _Capture:
         capture = self._captures.get(module)
-        name = self._module_name(module)
-        if capture is None or len(capture.output_grads) != len(capture.inputs):
+        if capture is None:
             raise IncompatibleGroupError(
-                f"The segment engine did not see the forward pass of module {name!r} with gradients enabled; "
-                "run the forward of this step after building the Surgeon, with torch.enable_grad()."
+                f"The segment engine did not see the forward pass of module {self._module_name(module)!r} with "
+                "gradients enabled; run the forward of this step after building the Surgeon, with torch.enable_grad()."
             )
-        weights: list[Tensor] = []
-        biases: list[Tensor] = []
-        for x, delta in zip(capture.inputs, capture.output_grads):
+        return capture
+
+    def _module_task_grads(
+        self,
+        module: nn.Module,
+        pairs: list[tuple[Tensor, Tensor]],
+        samples: int,
+        order: Tensor | None,
+        counts: list[int],
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-task ``δᵀx`` and ``Σδ`` of one layer, stacked over tasks (``Tensor[T, out, in]``, ``Tensor[T, out]``).
+
+        ``Σδ`` only when the layer's bias is a group parameter. A layer called several times in the forward
+        pass adds up its calls' contributions.
+        """
+        with_bias = self._owners.get(id(getattr(module, "bias", None)), (None, "", ""))[1] == "bias"
+        weight: Tensor | None = None
+        bias: Tensor | None = None
+        for x, delta in pairs:
             if x.shape[0] != samples or delta.shape[0] != samples:
                 raise InvalidLossError(
-                    f"`task_ids` must give one task per sample of the batch; module {name!r} saw a batch of "
-                    f"{x.shape[0]} samples but task_ids has {samples} entries."
+                    f"`task_ids` must give one task per sample of the batch; module {self._module_name(module)!r} "
+                    f"saw a batch of {x.shape[0]} samples but task_ids has {samples} entries."
                 )
             if order is not None:
                 x, delta = x.index_select(0, order), delta.index_select(0, order)
-            for t, (x_t, d_t) in enumerate(zip(torch.split(x, counts), torch.split(delta, counts))):
-                x_flat = x_t.reshape(-1, x_t.shape[-1]).to(d_t.dtype)
-                d_flat = d_t.reshape(-1, d_t.shape[-1])
-                weight = d_flat.T @ x_flat if kind == "linear" else x_flat.T @ d_flat
-                bias = d_flat.sum(dim=0)
-                if len(weights) <= t:
-                    weights.append(weight)
-                    biases.append(bias)
-                else:  # the module ran more than once in the forward pass: contributions add up
-                    weights[t] = weights[t] + weight
-                    biases[t] = biases[t] + bias
-        return list(zip(weights, biases))
+            x = x.to(delta.dtype)
+            if len(set(counts)) == 1:  # equal task sizes: one batched product for all tasks
+                deltas = [delta.reshape(len(counts), -1, delta.shape[-1])]
+                xs = [x.reshape(len(counts), -1, x.shape[-1])]
+            else:
+                deltas = [d.reshape(1, -1, d.shape[-1]) for d in torch.split(delta, counts)]
+                xs = [x_t.reshape(1, -1, x_t.shape[-1]) for x_t in torch.split(x, counts)]
+            w = _cat([_outer(d, x_t) for d, x_t in zip(deltas, xs)])
+            weight = w if weight is None else weight + w
+            if with_bias:
+                b = _cat([d.sum(dim=-2) for d in deltas])
+                bias = b if bias is None else bias + b
+        assert weight is not None  # `pairs` is never empty
+        return weight, bias
 
     def _check_no_batchnorm(self) -> None:
-        assert self._model is not None
-        for name, module in self._model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        for name, module in self._batchnorms:
+            if module.training:
                 raise IncompatibleGroupError(
                     f"The segment engine needs samples that do not interact in the forward pass; module {name!r} "
                     f"({type(module).__name__}) is in training mode and mixes samples. Use engine='loop', or put "
@@ -275,8 +319,7 @@ class SegmentEngine(GradientEngine):
                 )
 
     def _module_name(self, module: nn.Module) -> str:
-        assert self._model is not None
-        return next((n for n, m in self._model.named_modules() if m is module), type(module).__name__)
+        return self._names.get(module, type(module).__name__)
 
 
 ENGINES: dict[str, type[GradientEngine]] = {e.name: e for e in (LoopEngine, BatchedEngine, SegmentEngine)}
@@ -288,6 +331,21 @@ def _layer_kind(module: nn.Module) -> str | None:
         return "linear"
     is_conv1d = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
     return "conv1d" if is_conv1d and isinstance(getattr(module, "weight", None), Tensor) else None
+
+
+def _outer(delta: Tensor, x: Tensor) -> Tensor:
+    """``δᵀx`` over the sample dimension (``[..., m, out]``, ``[..., m, in]`` → ``[..., out, in]``).
+
+    Computed as ``(xᵀδ)ᵀ`` when ``in < out``: BLAS is several times faster when the narrow factor is the
+    left operand (a LoRA ``B`` factor: ``out = 384``, ``in = r = 8``).
+    """
+    if x.shape[-1] < delta.shape[-1]:
+        return (x.mT @ delta).mT
+    return delta.mT @ x
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _describe(group: ParamGroup, param: Tensor) -> str:

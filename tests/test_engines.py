@@ -77,6 +77,47 @@ def test_segment_per_task_gradients_equal_autograd() -> None:
             torch.testing.assert_close(found, wanted, rtol=1e-5, atol=1e-6)
 
 
+class InPlaceSharedTrunk(nn.Module):
+    """Linear outputs modified in place (ReLU(inplace=True), ``+=``), a layer called twice, narrow and wide layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = nn.Linear(6, 8)
+        self.narrow = nn.Linear(8, 2)  # in > out: δᵀx
+        self.expand = nn.Linear(2, 8)  # in < out: (xᵀδ)ᵀ
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(TASKS)])
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        z = self.narrow(torch.relu_(self.wide(x)))  # ReLU in place on the layer's own output
+        h = self.expand(z)
+        h += self.expand(z.tanh())  # the same layer a second time, and an in-place add on its output
+        pooled = h.mean(dim=1)
+        return [(head(pooled[ids == t]).squeeze(-1) - t).pow(2).mean() for t, head in enumerate(self.heads)]
+
+
+@pytest.mark.parametrize("sizes", [(3, 3, 3), (1, 4, 2)], ids=["equal", "unequal"])
+def test_segment_handles_in_place_ops_shared_layers_and_both_layouts(sizes: tuple[int, ...]) -> None:
+    """The per-task gradients equal autograd's, whether the tasks have equal sizes (one batched product) or not."""
+    model = InPlaceSharedTrunk()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.arange(TASKS).repeat_interleave(torch.tensor(sizes))
+    ids = ids[torch.randperm(ids.numel(), generator=generator)]
+    x = torch.randn(ids.numel(), 5, 6, generator=generator)
+    trunk = [model.wide, model.narrow, model.expand]
+    params = [p for layer in trunk for p in layer.parameters()]
+    losses = model(x, ids)
+    expected = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+    engine = SegmentEngine(model)
+    engine.bind(gs.groups.whole(params), None)
+    result = engine.gradients(model(x, ids), params, len(params), ids)
+    engine.close()
+    for t in range(TASKS):
+        for found, wanted in zip(result.per_task[t], expected[t]):
+            assert found is not None
+            torch.testing.assert_close(found, wanted, rtol=1e-5, atol=1e-6)
+
+
 def test_segment_engine_on_gpt2_conv1d_and_lora() -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -149,3 +190,18 @@ def test_segment_engine_bad_input() -> None:
         surgeon.backward(model(x, ids), task_ids=ids.float())
     assert [p.grad for p in model.parameters()] == before == [None] * len(before)
     assert surgeon.steps == 0
+
+
+def test_segment_engine_refuses_parameters_used_outside_their_layer() -> None:
+    """The weight reaches the loss only through a direct matmul, not through the layer's output: an error, no .grad."""
+    layer = nn.Linear(4, 3)
+    heads = nn.ModuleList([nn.Linear(3, 1) for _ in range(2)])
+    model = nn.ModuleDict({"layer": layer, "heads": heads})
+    surgeon = gs.Surgeon(gs.groups.whole(layer), "pcgrad", engine="segment", model=model, seed=0)
+    x, ids = torch.randn(4, 4), torch.tensor([0, 0, 1, 1])
+    layer(x)  # the hook sees a call whose output is never used
+    hidden = x @ layer.weight.T
+    losses = [heads[t](hidden[ids == t]).pow(2).mean() for t in range(2)]
+    with pytest.raises(gs.IncompatibleGroupError, match="could not read the output gradient of module 'layer'"):
+        surgeon.backward(losses, task_ids=ids)
+    assert all(p.grad is None for p in model.parameters())
