@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice
 from gradsurg.strategies.qp import significant_spectrum
 from gradsurg.strategies.registry import register_strategy
@@ -81,26 +80,29 @@ class AlignedMTL(GramStrategy):
         check_choice(scale, ("sum", "mean"), name, "scale")
         self._set_options(scale_mode=scale_mode, scale=scale)
 
-    def balance(self, gram: Tensor) -> Tensor:
-        """The balance transformation ``σ B`` (``Tensor[..., T, T]``) of Algorithm 1."""
+    def _factors(self, gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(σ, V, r)`` with ``σB = σ V diag(r) Vᵀ``: ``r = λ^{-1/2}`` on the kept eigenvalues, 0 on the others."""
         eigenvalues, vectors, kept = significant_spectrum(gram)
         count = kept.sum(dim=-1, keepdim=True)
-        # Kept eigenvalues first, in ascending order (the dropped ones are pushed to the end).
-        ascending, _ = torch.where(kept, eigenvalues, torch.inf).sort(dim=-1)
-        if self.scale_mode == "min":
-            level = ascending[..., :1]
-        elif self.scale_mode == "median":
-            level = ascending.gather(-1, ((count - 1) // 2).clamp_min(0))
+        if self.scale_mode == "rmse":
+            level = (eigenvalues * kept).sum(dim=-1, keepdim=True) / count.clamp_min(1)
         else:
-            level = safe_divide(torch.where(kept, eigenvalues, 0.0).sum(dim=-1, keepdim=True), count.to(gram.dtype))
-        sigma = torch.where(count > 0, level, 0.0).clamp_min(0).sqrt()
-        inverse_root = torch.where(kept, eigenvalues, 1.0).rsqrt() * kept.to(gram.dtype)
-        aligned: Tensor = (vectors * inverse_root.unsqueeze(-2)) @ vectors.mT
-        return sigma.unsqueeze(-1) * aligned
+            # eigh sorts the eigenvalues in ascending order, so the kept ones (those above a cut-off) come last.
+            last = gram.shape[-1] - 1
+            smallest = last + 1 - count
+            position = smallest + (count - 1) // 2 if self.scale_mode == "median" else smallest.clamp_max(last)
+            level = eigenvalues.gather(-1, position)
+        # Nothing kept (K = 0): r = 0, whatever σ.
+        return level.clamp_min(0).sqrt(), vectors, torch.where(kept, eigenvalues.rsqrt(), 0.0)
+
+    def balance(self, gram: Tensor) -> Tensor:
+        """The balance transformation ``σ B`` (``Tensor[..., T, T]``) of Algorithm 1."""
+        sigma, vectors, inverse_root = self._factors(gram)
+        return sigma.unsqueeze(-1) * ((vectors * inverse_root.unsqueeze(-2)) @ vectors.mT)
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        tasks = gram.shape[-1]
-        preference = torch.full(
-            gram.shape[:-1], 1.0 if self.scale == "sum" else 1.0 / tasks, dtype=gram.dtype, device=gram.device
-        )
-        return (self.balance(gram) @ preference.unsqueeze(-1)).squeeze(-1)
+        sigma, vectors, inverse_root = self._factors(gram)
+        preference = 1.0 if self.scale == "sum" else 1.0 / gram.shape[-1]
+        # σ B p with p = c·1: σ c V diag(r) Vᵀ1, where Vᵀ1 holds the column sums of V.
+        coordinates = vectors.sum(dim=-2) * inverse_root * (sigma * preference)
+        return (coordinates.unsqueeze(-2) @ vectors.mT).squeeze(-2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property
 from gradsurg.strategies.qp import symmetric_pinv_solve
 from gradsurg.strategies.registry import register_strategy
@@ -73,12 +72,11 @@ class ConFIG(GramStrategy):
     )
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        inverse_norms = safe_divide(torch.ones_like(gram[..., 0]), gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt())
+        norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()  # the diagonal of G Gᵀ holds sums of squares, ≥ 0
+        inverse_norms = norms.masked_fill(norms == 0, torch.inf).reciprocal()  # 0 for a zero gradient
         cosines = gram * inverse_norms.unsqueeze(-1) * inverse_norms.unsqueeze(-2)
-        a = inverse_norms * symmetric_pinv_solve(cosines, torch.ones_like(inverse_norms), rank_cutoff=True)
+        a = inverse_norms * symmetric_pinv_solve(cosines, torch.ones_like(norms), rank_cutoff=True)
         ka = (gram @ a.unsqueeze(-1)).squeeze(-1)
-        length = (a * ka).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
-        length = torch.where(length > _DEGENERATE, length, 0.0)
-        unit = safe_divide(a, length)
-        projections = safe_divide(ka.sum(dim=-1, keepdim=True), length)
-        return projections * unit
+        # (Σᵢ gᵢ·ĝ) ĝ with ĝ = Gᵀa/‖Gᵀa‖ is (1ᵀKa / aᵀKa) Gᵀa; 0 where ‖Gᵀa‖ ≤ _DEGENERATE.
+        square = (a * ka).sum(dim=-1, keepdim=True)
+        return a * (ka.sum(dim=-1, keepdim=True) / square.masked_fill(square <= _DEGENERATE**2, torch.inf))

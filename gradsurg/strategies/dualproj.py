@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from gradsurg.strategies.base import Context
@@ -51,5 +50,4 @@ class DualProj(UPGrad):
     summary = "Project the mean gradient onto the dual cone of the task gradients (Quinton & Rey 2024)."
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        mean = torch.full(gram.shape[:-1], self.preference(gram), dtype=gram.dtype, device=gram.device)
-        return project_dual_cone(gram, mean)
+        return project_dual_cone(gram, self.preference(gram))

@@ -77,9 +77,9 @@ class IMTLG(GramStrategy):
         self._set_options(scale=scale)
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()  # the diagonal of G Gᵀ holds sums of squares, ≥ 0
         v = symmetric_pinv_solve(gram, norms, rank_cutoff=True)
         total = v.sum(dim=-1, keepdim=True)
         degenerate = total.abs() * norms.sum(dim=-1, keepdim=True) <= _DEGENERATE
-        w = torch.where(degenerate, torch.zeros_like(v), v / torch.where(degenerate, torch.ones_like(total), total))
-        return w * (float(gram.shape[-1]) if self.scale == "sum" else 1.0)
+        w = v / total.masked_fill(degenerate, torch.inf)  # 0 where degenerate
+        return w * float(gram.shape[-1]) if self.scale == "sum" else w

@@ -115,6 +115,8 @@ class MGDA(GramStrategy):
         return losses if self.normalization == "loss" else losses * norms
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        inverse = safe_divide(torch.ones_like(gram[..., 0]), self.normalizers(gram, context))
-        w = min_norm_weights(gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2))
-        return w * (float(gram.shape[-1]) if self.scale == "sum" else 1.0)
+        if self.normalization != "none":  # (all normalisers 1 otherwise)
+            inverse = safe_divide(torch.ones_like(gram[..., 0]), self.normalizers(gram, context))
+            gram = gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)
+        w = min_norm_weights(gram)
+        return w * float(gram.shape[-1]) if self.scale == "sum" else w

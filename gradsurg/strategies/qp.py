@@ -14,20 +14,41 @@ dimensions, on the tensor's device:
   lies in the hull the residual vanishes and ``x*`` itself is a convex combination with
   ``Gᵀx* = 0``.
 
-Method. Both reduce to ``min_{x ≥ 0} ½ xᵀPx − qᵀx`` with ``P`` positive semi-definite, which
-:func:`nonnegative_least_squares` solves exactly with the active-set method of Lawson & Hanson
-(1974) in the Gram form of Bro & de Jong (1997): variables enter the passive set one at a time
-(largest violated optimality condition first), the passive system is solved with a
-pseudo-inverse (rank-deficient ``K`` is fine), and a step back along the segment keeps the
-iterate feasible. The method terminates in finitely many steps at the exact optimum; each step is
-batched with masks, and the loops stop as soon as no batch element has a violated condition (one
-scalar read from the device per step: the only host synchronisations), after at most ``3T`` outer
-steps of at most ``T`` inner steps each. ``K`` is divided by its trace first
-(the minimisers do not depend on the scale of ``G``) and its eigenvalues at the rounding level are
-set to zero (:func:`denoise_gram`; the Gram matrix of float32 gradients is only known to ``~ε₃₂``,
-and rounding-level eigenvalues of either sign would make the problem non-convex or badly
-conditioned). If the natural residual ``‖min(x, Px − q)‖∞`` of the result is above :data:`TOLERANCE`, a
-:class:`~gradsurg.errors.GradSurgWarning` reports it and the (feasible) last iterate is used.
+Method. Both reduce to ``min_{x ≥ 0} ½ xᵀPx − qᵀx`` with ``P`` positive semi-definite, solved
+exactly by :func:`nonnegative_least_squares`: the active-set method of Lawson & Hanson (1974) in the
+Gram form of Bro & de Jong (1997). Violated variables (``(q − Px)ⱼ > 0``) enter the passive set
+``S``, the passive system ``P_SS s_S = q_S`` is solved (Cholesky factorisation), and a step back along
+the segment from ``x`` to ``s`` keeps the iterate feasible. Classically one variable enters per step
+(the most violated): the passive columns then stay linearly independent, so ``P_SS`` is positive
+definite even when ``K`` is rank-deficient, and the objective decreases strictly from one passive
+set to the next; the method ends after finitely many steps at the exact optimum. When ``K`` has full
+rank after the denoising below, every principal submatrix of ``P`` is positive definite and no worse
+conditioned than ``P`` (Cauchy interlacing), so all violated variables enter at once (after which the
+step back removes only the blocking variables at zero): the objective still decreases strictly (the
+entering block ``V`` has ``(q − Px)_Vᵀ s_V > 0``).
+
+Most problems end after that first block step, so it is tried first (one factorisation, one
+scalar read from the device): the variables violated at ``x = 0`` are made passive, and
+``x = max(s, 0)`` is kept if its natural residual ``‖min(x, Px − q)‖∞`` (zero exactly at the
+optimum: a certificate of optimality) is at the rounding level, ``min(TOLERANCE, 4096 ε)``.
+Otherwise the full method runs, batched with masks; its loops stop as soon as no batch element has a
+violated condition (one scalar read from the device per step), after at most ``3T`` outer steps of
+at most ``T + 1`` inner steps each. Should its residual still be above the rounding level (a
+Cholesky factorisation that met a numerically singular ``P_SS``), the problem is solved once more
+with single entries and an eigen-decomposition pseudo-inverse for the passive systems
+(:func:`symmetric_pinv_solve`), and the result with the smaller residual is kept.
+
+``K`` is divided by its trace first (the minimisers do not depend on the scale of ``G``) and its
+eigenvalues at the rounding level are set to zero (:func:`significant_spectrum`; the Gram matrix of
+float32 gradients is only known to ``~ε₃₂``, and rounding-level eigenvalues of either sign would make
+the problem non-convex or badly conditioned). If the natural residual of the result is above
+:data:`TOLERANCE`, a :class:`~gradsurg.errors.GradSurgWarning` reports it and the (feasible) last
+iterate is used.
+
+References: C. L. Lawson, R. J. Hanson, "Solving Least Squares Problems", Prentice-Hall 1974,
+https://doi.org/10.1137/1.9781611971217; R. Bro, S. de Jong, "A fast non-negativity-constrained
+least squares algorithm", J. Chemometrics 11(5), 1997,
+https://doi.org/10.1002/(SICI)1099-128X(199709/10)11:5%3C393::AID-CEM483%3E3.0.CO;2-L.
 
 Cross-checked (tests) against ``quadprog`` through TorchJD's projector, against SciPy's ``nnls``,
 against TorchJD's Frank-Wolfe MGDA and against the defining optimality conditions.
@@ -35,21 +56,22 @@ against TorchJD's Frank-Wolfe MGDA and against the defining optimality condition
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradsurg._math import safe_divide
 from gradsurg.errors import GradSurgWarning
 
 __all__ = [
     "RANK_RTOL",
     "TOLERANCE",
-    "denoise_gram",
     "min_norm_weights",
     "nonnegative_least_squares",
-    "normalize_gram",
     "project_dual_cone",
     "significant_spectrum",
     "symmetric_pinv_solve",
@@ -68,12 +90,59 @@ TOLERANCE = 1e-6
 
 # A variable enters the passive set when its optimality condition is violated by more than this.
 _ENTER = 1e-13
+# A solution is final when its natural residual is at most this many epsilons (and at most TOLERANCE).
+_ROUNDING = 4096
 
 
-def normalize_gram(gram: Tensor) -> Tensor:
-    """``K / tr(K)`` for each matrix of the batch (an all-zero ``K`` stays zero)."""
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)[..., None, None]
-    return gram / torch.where(trace > 0, trace, torch.ones_like(trace))
+class _Constants(NamedTuple):
+    identity: Tensor  # [T, T]
+    positions: Tensor  # [T, 1]: 0, ..., T − 1
+    # 0-d tensors instead of Python scalars, which every op would wrap into a tensor again.
+    zero: Tensor
+    one: Tensor
+    two: Tensor
+    plus_inf: Tensor
+    tiny: Tensor  # the smallest normal number
+    enter: Tensor  # _ENTER
+    minus_enter: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(tasks: int, device: torch.device, dtype: torch.dtype) -> _Constants:
+    """Constant tensors of the solvers (cached: never modify them)."""
+
+    def scalar(value: float) -> Tensor:
+        return torch.tensor(value, dtype=dtype, device=device)
+
+    return _Constants(
+        identity=torch.eye(tasks, dtype=dtype, device=device),
+        positions=torch.arange(tasks, device=device).unsqueeze(-1),
+        zero=scalar(0.0),
+        one=scalar(1.0),
+        two=scalar(2.0),
+        plus_inf=scalar(torch.inf),
+        tiny=scalar(torch.finfo(dtype).tiny),
+        enter=scalar(_ENTER),
+        minus_enter=scalar(-_ENTER),
+    )
+
+
+def _constants_of(tensor: Tensor) -> _Constants:
+    return _constants(tensor.shape[-1], tensor.device, tensor.dtype)
+
+
+def _row_times(vector: Tensor, matrix: Tensor) -> Tensor:
+    """``vᵀM`` for ``vector: [..., T]`` (one vector for all matrices when 1-D) and ``matrix: [..., T, T]``."""
+    return vector @ matrix if vector.dim() == 1 else (vector.unsqueeze(-2) @ matrix).squeeze(-2)
+
+
+def _gradient(p: Tensor, q: Tensor, x: Tensor) -> Tensor:
+    """``Px − q`` for columns ``x``, ``q``: one fused multiply-add where the shapes allow it."""
+    if x.dim() == 2:
+        return torch.addmm(q, p, x, beta=-1)
+    if x.dim() == 3:
+        return torch.baddbmm(q, p.expand(x.shape[0], -1, -1), x, beta=-1)
+    return p @ x - q
 
 
 def significant_spectrum(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,56 +153,134 @@ def significant_spectrum(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     gradients never changes the rank decision.
 
     Returns:
-        ``(eigenvalues, eigenvectors, significant)`` as from ``torch.linalg.eigh`` plus a bool mask.
+        ``(eigenvalues, vectors, significant)`` as from ``torch.linalg.eigh`` plus a bool mask.
     """
     eigenvalues, vectors = torch.linalg.eigh(matrix)
-    nonzero = (matrix.diagonal(dim1=-2, dim2=-1) != 0).sum(dim=-1, keepdim=True).to(matrix.dtype)
-    cutoff = eigenvalues[..., -1:].clamp_min(0) * nonzero * RANK_RTOL
+    # The diagonal of a PSD matrix is ≥ 0, so its signs count its non-zero entries; λ_max ≥ max Kᵢᵢ ≥ 0.
+    nonzero = matrix.diagonal(dim1=-2, dim2=-1).sign().sum(dim=-1, keepdim=True)
+    cutoff = torch.addcmul(_constants_of(matrix).zero, eigenvalues[..., -1:], nonzero, value=RANK_RTOL)
     return eigenvalues, vectors, eigenvalues > cutoff
 
 
-def denoise_gram(gram: Tensor) -> Tensor:
-    """``K`` with its eigenvalues at or below the rank cut-off set to zero (PSD, with a clean rank).
+def _normalized_gram(gram: Tensor, spectrum: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, bool]:
+    """``K / tr(K)`` with its eigenvalues at or below the rank cut-off set to zero, and whether none was.
 
-    The Gram matrix of float32 gradients is only known to about ``ε₃₂`` relative precision: its
-    null directions show up as eigenvalues of either sign at that level, which would make the QPs
-    non-convex or badly conditioned. On float64 inputs of moderate condition number nothing changes.
+    ``spectrum`` is :func:`significant_spectrum` of ``K``. When every eigenvalue of every matrix of the
+    batch is significant nothing is cut and ``K / tr(K)`` itself is returned, positive definite with a
+    condition number below ``1/(m·RANK_RTOL)``. An all-zero ``K`` stays zero.
     """
-    eigenvalues, vectors, significant = significant_spectrum(gram)
-    kept = torch.where(significant, eigenvalues, 0.0)
-    cleaned: Tensor = (vectors * kept.unsqueeze(-2)) @ vectors.mT
-    return cleaned
-
-
-def _matvec(matrix: Tensor, vector: Tensor) -> Tensor:
-    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
-
-
-def _passive_solution(p: Tensor, q: Tensor, passive: Tensor) -> Tensor:
-    """Solve ``P_SS s_S = q_S`` on the passive set ``S`` (pseudo-inverse), ``s = 0`` elsewhere."""
-    f = passive.to(p.dtype)
-    system = p * f.unsqueeze(-1) * f.unsqueeze(-2) + torch.diag_embed(1 - f)
-    return symmetric_pinv_solve(system, q * f) * f
+    eigenvalues, vectors, significant = spectrum
+    trace = eigenvalues.sum(dim=-1, keepdim=True)
+    if bool(significant.all()):  # every eigenvalue is positive, so is the trace
+        return gram / trace.unsqueeze(-1), True
+    kept = torch.where(significant, eigenvalues, _constants_of(gram).zero)
+    cleaned: Tensor = (vectors * (kept / trace.clamp_min(torch.finfo(gram.dtype).tiny)).unsqueeze(-2)) @ vectors.mT
+    return cleaned, False
 
 
 def symmetric_pinv_solve(matrix: Tensor, rhs: Tensor, *, rank_cutoff: bool = False) -> Tensor:
     """``A⁺ b`` for symmetric positive semi-definite ``A`` (``[..., T, T]``) and ``b`` (``[..., T]``).
 
-    Through ``eigh``. Eigenvalues at or below ``T·ε·λ_max`` (``torch.linalg.pinv``'s default
-    cut-off, ``ε`` of ``A``'s dtype) are treated as zero, or, with ``rank_cutoff=True``, those that
-    :func:`significant_spectrum` does not keep.
+    Through ``eigh``: ``A⁺ b = V Λ⁺ Vᵀ b``. Eigenvalues at or below ``T·ε·λ_max``
+    (``torch.linalg.pinv``'s default cut-off, ``ε`` of ``A``'s dtype) are treated as zero, or, with
+    ``rank_cutoff=True``, those that :func:`significant_spectrum` does not keep.
     """
     if rank_cutoff:
         eigenvalues, vectors, significant = significant_spectrum(matrix)
     else:
         eigenvalues, vectors = torch.linalg.eigh(matrix)
         significant = eigenvalues > eigenvalues[..., -1:] * (matrix.shape[-1] * torch.finfo(matrix.dtype).eps)
-    inverse = safe_divide(torch.ones_like(eigenvalues), torch.where(significant, eigenvalues, 0.0))
-    coordinates = (vectors * rhs.unsqueeze(-1)).sum(dim=-2) * inverse
-    return _matvec(vectors, coordinates)
+    # Λ⁺ Vᵀ b (the coordinates of dropped eigenvalues, inf or NaN where they are 0, are not selected).
+    coordinates = torch.where(significant, _row_times(rhs, vectors) / eigenvalues, _constants_of(matrix).zero)
+    return _row_times(coordinates, vectors.mT)
 
 
-def nonnegative_least_squares(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+# Solves the masked passive system: (system, right-hand side, passive mask) -> solution, in column form.
+_Solve = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _cholesky_solve(system: Tensor, rhs: Tensor, passive: Tensor) -> Tensor:
+    # The identity rows decouple the passive block exactly: the solution is exactly 0 off the passive set.
+    # A failed factorisation (a numerically singular block) shows in the residual, and the caller re-solves.
+    factor, _ = torch.linalg.cholesky_ex(system)
+    return torch.cholesky_solve(rhs, factor)
+
+
+def _pinv_solve(system: Tensor, rhs: Tensor, passive: Tensor) -> Tensor:
+    # Eigenvectors of equal eigenvalues may mix the two blocks (at the rounding level): masked.
+    return symmetric_pinv_solve(system, rhs.squeeze(-1)).unsqueeze(-1) * passive
+
+
+def _passive_solution(p: Tensor, q: Tensor, passive: Tensor, constants: _Constants, solve: _Solve) -> Tensor:
+    """``P_SS s_S = q_S`` on the passive set ``S``; identity rows and a zero right-hand side give ``s = 0`` off it."""
+    system = torch.where(passive & passive.mT, p, constants.identity)
+    return solve(system, torch.where(passive, q, constants.zero), passive)
+
+
+def _residual(p: Tensor, q: Tensor, x: Tensor) -> Tensor:
+    """The natural residuals ``|min(x, Px − q)|`` (all zero exactly at the optimum)."""
+    return torch.minimum(x, _gradient(p, q, x)).abs()
+
+
+def _certified(p: Tensor, q: Tensor, s: Tensor) -> tuple[Tensor, float]:
+    """``x = max(s, 0)`` and its largest natural residual."""
+    x = s.clamp_min(0)
+    return x, float(_residual(p, q, x).max()) if x.numel() else 0.0
+
+
+def _active_set(p: Tensor, q: Tensor, constants: _Constants, *, block: bool, solve: _Solve) -> tuple[Tensor, float]:
+    """The active-set method (module docstring) on ``p: [..., T, T]``, ``q: [..., T, 1]``: as :func:`_certified`."""
+    tasks = p.shape[-1]
+    x = torch.zeros_like(q)
+    passive = torch.zeros_like(q, dtype=torch.bool)
+    score = -q  # the gradient Px − q at x = 0, with nothing passive
+    for _ in range(3 * tasks):
+        entering = score < constants.minus_enter
+        if not bool(entering.any()):
+            break
+        if not block:
+            entering = entering & (constants.positions == score.argmin(dim=-2, keepdim=True))
+        passive = passive | entering
+        for _ in range(tasks + 1):
+            s = _passive_solution(p, q, passive, constants, solve)
+            blocking = passive & (s <= constants.zero)
+            if not bool(blocking.any()):
+                break
+            # Move towards s until the first blocking variable reaches 0 (all the way where none blocks).
+            ratios = torch.where(blocking, x / (x - s).clamp_min(constants.tiny), constants.two)
+            alpha, leaving = ratios.min(dim=-2, keepdim=True)
+            # The blocking variable leaves exactly (with those rounding left at or below zero).
+            left = (constants.positions == leaving) & (alpha <= 1)
+            x = torch.addcmul(x, alpha.clamp(0, 1), s - x).masked_fill(left, 0)
+            passive = passive & ~(blocking & (x <= constants.zero))
+        x = s.clamp_min(0)
+        score = torch.where(passive, constants.plus_inf, _gradient(p, q, x))
+    return _certified(p, q, x)
+
+
+def _solve(p: Tensor, q: Tensor, *, definite: bool) -> tuple[Tensor, float]:
+    """:func:`nonnegative_least_squares` in column form (``q: [..., T, 1]``, batch dimensions broadcast).
+
+    Returns:
+        ``x`` and its largest natural residual (at most ``_ENTER`` for ``x = 0``).
+    """
+    constants = _constants_of(p)
+    entering = q > constants.enter
+    if not bool(entering.any()):  # nothing is violated at x = 0
+        return torch.zeros_like(q), _ENTER
+    accepted = min(TOLERANCE, _ROUNDING * torch.finfo(p.dtype).eps)
+    result = _certified(p, q, _passive_solution(p, q, entering, constants, _cholesky_solve))  # the first block step
+    if result[1] <= accepted:
+        return result
+    result = _active_set(p, q, constants, block=definite, solve=_cholesky_solve)
+    if not result[1] <= accepted:
+        robust = _active_set(p, q, constants, block=False, solve=_pinv_solve)
+        if robust[1] < result[1] or math.isnan(result[1]):
+            result = robust
+    return result
+
+
+def nonnegative_least_squares(p: Tensor, q: Tensor, *, definite: bool = False) -> tuple[Tensor, Tensor]:
     """``argmin_{x ≥ 0} ½ xᵀPx − qᵀx`` for each batch element, and its natural residual.
 
     Lawson-Hanson active set in Gram form (see the module docstring).
@@ -141,41 +288,18 @@ def nonnegative_least_squares(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         p: ``Tensor[..., T, T]``, symmetric positive semi-definite.
         q: ``Tensor[..., T]``.
+        definite: every ``P`` is positive definite and well conditioned, so that every principal
+            submatrix can be factorised: all violated variables may enter at once.
 
     Returns:
         ``(x, residual)``: ``x ≥ 0`` of shape ``[..., T]`` and ``‖min(x, Px − q)‖∞`` of shape ``[...]``.
     """
-    tasks = p.shape[-1]
-    x = torch.zeros_like(q)
-    passive = torch.zeros_like(q, dtype=torch.bool)
-    for _ in range(3 * tasks):
-        violation = q - _matvec(p, x)
-        candidates = ~passive & (violation > _ENTER)
-        entering = candidates.any(dim=-1, keepdim=True)
-        if not bool(entering.any()):
-            break
-        best = torch.where(candidates, violation, torch.full_like(violation, -torch.inf)).argmax(dim=-1, keepdim=True)
-        passive = passive | (torch.zeros_like(passive).scatter(-1, best, True) & entering)
-        s = _passive_solution(p, q, passive)
-        for _ in range(tasks):
-            blocking = passive & (s <= 0) & entering
-            stepping = blocking.any(dim=-1, keepdim=True)
-            if not bool(stepping.any()):
-                break
-            ratios = torch.where(blocking, safe_divide(x, x - s), torch.full_like(x, torch.inf))
-            alpha, leaving = ratios.min(dim=-1, keepdim=True)
-            # The blocking variable leaves exactly (with those rounding left at or below zero).
-            left = torch.zeros_like(passive).scatter(-1, leaving, True) & stepping
-            x = torch.where(stepping, x + alpha.clamp(0, 1) * (s - x), x).masked_fill(left, 0)
-            passive = passive & ~left & ~(stepping & (x <= 0))
-            s = _passive_solution(p, q, passive)
-        x = torch.where(entering, s.clamp_min(0), x)
-    residual = torch.minimum(x, _matvec(p, x) - q).abs().amax(dim=-1)
-    return x, residual
+    q = q.unsqueeze(-1)
+    x, _ = _solve(p, q, definite=definite)
+    return x.squeeze(-1), _residual(p, q, x).amax(dim=(-2, -1))
 
 
-def _warn_if_unconverged(residual: Tensor, problem: str) -> None:
-    worst = float(residual.max()) if residual.numel() else 0.0
+def _warn_if_unconverged(worst: float, problem: str) -> None:
     if worst > TOLERANCE:
         warnings.warn(
             f"The {problem} solver must reach a residual ≤ {TOLERANCE:g}; found {worst:.3e}. "
@@ -188,6 +312,11 @@ def _warn_if_unconverged(residual: Tensor, problem: str) -> None:
 def min_norm_weights(gram: Tensor) -> Tensor:
     """Weights ``w* ∈ Δ`` of the minimum-norm point ``Gᵀw*`` of the convex hull of the rows of ``G``.
 
+    When ``K`` has full rank, the first block step of the solver makes every task passive: with
+    ``y = K⁻¹1`` (from the eigen-decomposition of ``K``, Sherman–Morrison for ``K + 11ᵀ``) it gives
+    ``w = y / 1ᵀy``, the minimum-norm point of the affine hull, which is the answer when ``y ≥ 0``
+    (then ``gᵢ·d = ‖d‖²`` for every task); otherwise the solver runs.
+
     Args:
         gram: ``Tensor[..., T, T]``, the Gram matrix ``G Gᵀ`` (symmetric positive semi-definite).
 
@@ -195,16 +324,22 @@ def min_norm_weights(gram: Tensor) -> Tensor:
         ``Tensor[..., T]`` on the simplex. The point ``Gᵀw*`` is unique; ``w*`` need not be (e.g.
         when ``0`` is in the hull), and one minimiser is returned.
     """
-    k = denoise_gram(normalize_gram(gram))
-    ones = torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
-    x, residual = nonnegative_least_squares(k + ones.unsqueeze(-1) * ones.unsqueeze(-2), ones)
-    _warn_if_unconverged(residual, "minimum-norm (MGDA)")
-    total = x.sum(dim=-1, keepdim=True)
-    uniform = ones / gram.shape[-1]
-    return torch.where(total > 0, x / torch.where(total > 0, total, torch.ones_like(total)), uniform)
+    spectrum = significant_spectrum(gram)
+    eigenvalues, vectors, significant = spectrum
+    # y = V Λ⁻¹ Vᵀ 1; inf where an eigenvalue is 0, but then K is not of full rank.
+    y = _row_times(vectors.sum(dim=-2) / eigenvalues, vectors.mT)
+    if bool(significant.all() & (y >= 0).all()):
+        return y / y.sum(dim=-1, keepdim=True)
+    k, full_rank = _normalized_gram(gram, spectrum)
+    one = _constants_of(gram).one
+    # P = K + 11ᵀ is positive definite where K is, with a condition number below (T + 1)/RANK_RTOL.
+    x, worst = _solve(k + one, one.expand(*gram.shape[:-1], 1), definite=full_rank)
+    _warn_if_unconverged(worst, "minimum-norm (MGDA)")
+    # 1ᵀx > 0: the objective is 1 at x = 0 and every step of the solver decreases it.
+    return (x / x.sum(dim=-2, keepdim=True)).squeeze(-1)
 
 
-def project_dual_cone(gram: Tensor, u: Tensor) -> Tensor:
+def project_dual_cone(gram: Tensor, u: Tensor | float | None = None) -> Tensor:
     """Weights ``v*`` with ``Gᵀv*`` the projection of ``Gᵀu`` onto the dual cone of the rows of ``G``.
 
     The result satisfies ``K v* ≥ 0`` (``Gᵀv*`` conflicts with no task gradient) and ``v* ≥ u``.
@@ -212,16 +347,23 @@ def project_dual_cone(gram: Tensor, u: Tensor) -> Tensor:
     Args:
         gram: ``Tensor[..., T, T]``, the Gram matrix ``G Gᵀ``.
         u: ``Tensor[..., m, T]`` or ``Tensor[..., T]``: one weight vector per vector to project, all
-            with the same ``K``.
+            with the same ``K`` (leading dimensions broadcast with those of ``gram``); a number ``c``
+            for the one vector ``u = c·1``; or ``None`` (default) for the rows of the identity, one
+            projection per task gradient.
 
     Returns:
-        ``v*`` with the shape of ``u``.
+        ``v*`` with the (broadcast) shape of ``u``: ``Tensor[..., T]`` for a number, ``Tensor[..., T, T]``
+        (row ``i`` for ``u = eᵢ``) for ``None``.
     """
-    single = u.dim() == gram.dim() - 1
-    batch_u = u.unsqueeze(-2) if single else u
-    tasks = gram.shape[-1]
-    k = denoise_gram(normalize_gram(gram)).unsqueeze(-3).expand(*batch_u.shape[:-1], tasks, tasks)
-    x, residual = nonnegative_least_squares(k, -_matvec(k, batch_u))
-    _warn_if_unconverged(residual, "dual-cone projection")
-    v = batch_u + x
-    return v.squeeze(-2) if single else v
+    k, full_rank = _normalized_gram(gram, significant_spectrum(gram))
+    if u is None:  # one column q = −K eᵢ per task i (K is symmetric), all with the same P = K
+        p, q, u = k.unsqueeze(-3), -k.unsqueeze(-1), _constants_of(gram).identity
+    elif not isinstance(u, Tensor):  # the column q = −K u = −c K1
+        p, q = k, k.sum(dim=-1, keepdim=True) * -u
+    elif u.dim() == gram.dim() - 1:  # one vector u: the column q = −K u
+        p, q = k, -(k @ u.unsqueeze(-1))
+    else:  # one column q = −K u per row u, all with the same P = K
+        p, q = k.unsqueeze(-3), -(u @ k).unsqueeze(-1)
+    x, worst = _solve(p, q, definite=full_rank)
+    _warn_if_unconverged(worst, "dual-cone projection")
+    return x.squeeze(-1) + u

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice
@@ -75,6 +74,5 @@ class UPGrad(GramStrategy):
         return 1.0 if self.scale == "sum" else 1.0 / gram.shape[-1]
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
-        tasks = gram.shape[-1]
-        rows = (torch.eye(tasks, dtype=gram.dtype, device=gram.device) * self.preference(gram)).expand_as(gram)
-        return project_dual_cone(gram, rows).sum(dim=-2)
+        # v*(c eᵢ) = c v*(eᵢ): the projection onto a cone is positively homogeneous.
+        return project_dual_cone(gram).sum(dim=-2) * self.preference(gram)

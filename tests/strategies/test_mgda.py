@@ -53,6 +53,19 @@ def test_matches_torchjd_frank_wolfe(tasks: int, width: int) -> None:
     torch.testing.assert_close(MGDA()(grads), expected, rtol=0, atol=1e-4 * float(grads.norm(dim=1).sum()))
 
 
+@pytest.mark.parametrize(("tasks", "width"), FULL_RANK_SHAPES)
+def test_affine_hull_shortcut_matches_the_solver(tasks: int, width: int) -> None:
+    """Full-rank K: the closed-form first step (w ∝ K⁻¹1 when ≥ 0) and the solver agree, interior or not."""
+    for seed in range(4):
+        grads = full_rank(seed * 41 + tasks * 7 + width, tasks, width)
+        grads = grads + (2.0 if seed % 2 else 0.0) * grads[:1]  # odd seeds: a shared component, interior minima
+        gram = grads @ grads.T
+        k = gram / gram.trace()
+        x, residual = qp.nonnegative_least_squares(k + 1, torch.ones(tasks, dtype=torch.float64), definite=True)
+        assert float(residual) < 1e-12
+        torch.testing.assert_close(qp.min_norm_weights(gram), x / x.sum(), rtol=0, atol=1e-10)
+
+
 def test_zero_in_the_hull_gives_zero() -> None:
     grads = torch.tensor([[1.0, 2.0], [-2.0, -4.0], [0.5, -3.0]], dtype=torch.float64)
     assert float(MGDA()(grads).abs().max()) < 1e-12
