@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurg._math import safe_divide
 from gradsurg.strategies.base import Context, GramStrategy, Property, check_choice, check_option
 from gradsurg.strategies.registry import register_strategy
 from gradsurg.strategies.solvers import minimize_cagrad_dual
@@ -35,21 +34,22 @@ class CAGrad(GramStrategy):
     Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048 (official code: ``Cranial-XIX/CAGrad``).
 
     Solver. The official code runs ``scipy.optimize.minimize`` (SLSQP) on the CPU from uniform
-    weights, TorchJD runs cvxpy/Clarabel. Here the same convex problem (after normalising ``K`` by
-    its mean diagonal; the minimiser does not depend on the scale of ``G``) is solved on the tensor's
+    weights, TorchJD runs cvxpy/Clarabel. Here the same convex problem (times ``T``, with relative
+    tolerances only: the minimiser does not depend on the scale of ``G``) is solved on the tensor's
     device with no host synchronisation by :func:`~gradsurg.strategies.solvers.minimize_cagrad_dual`:
     for ``T ≤ 10`` an **exact active-set formula** evaluated on all ``2ᵀ − 1`` faces of the simplex at
     once (on a face ``S``, ``w_S ∝ λK_S⁻¹1 − K_S⁻¹b_S`` with ``λ`` the root of a quadratic; the best
-    feasible candidate wins), about thirty tensor operations and no iteration; for larger ``T``,
-    ``iterations`` projected-gradient steps followed by ``T`` rounds of a primal active-set method
-    that uses the same formula. On generic inputs the direction agrees with SLSQP run to tight
-    tolerance to better than ``1e-6`` relative for ``T ≤ 12`` and ``2e-5`` at ``T = 16`` (SLSQP's own
-    accuracy). When ``0`` lies in the convex hull of the task gradients (e.g. two exactly opposite
-    gradients) the dual optimum can be ``g_w* = 0``, where ``g_w/‖g_w‖`` is undefined; the official
-    code then depends on the ``1e-8`` constants it adds, which make its result scale dependent. We
-    follow the paper's scale-free problem: when ``‖g_w*‖ ≤ 1e-5`` of the typical gradient norm, the
-    primal optimum value is 0 and is reached by ``d = 0`` when the ball contains it (``c ≥ 1``), else
-    by ``d = g₀`` (``0`` on the boundary of the hull); tested against the primal problem.
+    feasible candidate wins), a few dozen tensor operations and no iteration; for larger ``T``, the
+    same enumeration on the 8 tasks the mean gradient helps least, then ``iterations`` steps of a
+    primal active-set method that moves between faces with the same formula. On generic inputs the
+    direction agrees with SLSQP run to tight tolerance to about ``1e-7`` relative up to ``T = 16``
+    (SLSQP's own accuracy). When ``0`` lies in the convex hull of the task gradients (e.g. two
+    exactly opposite gradients) the dual optimum can be ``g_w* = 0``, where ``g_w/‖g_w‖`` is
+    undefined; the official code then depends on the ``1e-8`` constants it adds, which make its
+    result scale dependent. We follow the paper's scale-free problem: when ``‖g_w*‖ ≤ 1e-5`` of the
+    typical gradient norm, the primal optimum value is 0 and is reached by ``d = 0`` when the ball
+    contains it (``c ≥ 1``), else by ``d = g₀`` (``0`` on the boundary of the hull); tested against
+    the primal problem.
 
     Scale: with ``rescale=1`` and one task, ``d = g (1 + c)/(1 + c²)``. The official supervised
     trainer multiplies the direction by ``T`` to match a summed loss; pass ``scale="sum"`` for that.
@@ -59,8 +59,9 @@ class CAGrad(GramStrategy):
             0.5 in the official script's default).
         rescale: 0, 1 or 2 as above.
         scale: ``"mean"`` (default, the paper's ``g₀``-based scale) or ``"sum"`` (times ``T``).
-        iterations: Projected-gradient iterations of the solver when ``T > 10`` (``≥ 1``; the exact
-            formula used up to 10 tasks does not iterate).
+        iterations: Active-set steps of the solver when ``T > 10`` (``None``, the default: ``T``; else an
+            integer ``≥ 1``, fewer steps are faster and may stop short of the optimum). The exact
+            enumeration used up to 10 tasks does not iterate.
     """
 
     family = "gram"
@@ -80,7 +81,7 @@ class CAGrad(GramStrategy):
         }
     )
 
-    def __init__(self, *, c: float = 0.4, rescale: int = 1, scale: str = "mean", iterations: int = 10) -> None:
+    def __init__(self, *, c: float = 0.4, rescale: int = 1, scale: str = "mean", iterations: int | None = None) -> None:
         name = type(self).__name__
         check_option(
             isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0 and c == c and c != float("inf"),
@@ -92,10 +93,11 @@ class CAGrad(GramStrategy):
         check_choice(rescale, _RESCALE_MODES, name, "rescale")
         check_choice(scale, ("mean", "sum"), name, "scale")
         check_option(
-            isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1,
+            iterations is None
+            or (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1),
             name,
             "iterations",
-            "an integer ≥ 1",
+            "None or an integer ≥ 1",
             iterations,
         )
         self._set_options(c=float(c), rescale=rescale, scale=scale, iterations=iterations)
@@ -103,32 +105,32 @@ class CAGrad(GramStrategy):
     c: float
     rescale: int
     scale: str
-    iterations: int
+    iterations: int | None
 
     def dual_weights(self, gram: Tensor) -> Tensor:
         """The dual solution ``w* ∈ Δ`` for ``gram`` (``Tensor[..., T, T]``)."""
-        norm = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True).unsqueeze(-1)
-        k = gram / torch.where(norm > 0, norm, torch.ones_like(norm))
-        b = k.mean(dim=-1)
-        phi = self.c * k.mean(dim=(-2, -1)).clamp_min(0).sqrt().unsqueeze(-1)
+        return minimize_cagrad_dual(*self._dual_problem(gram), iterations=self.iterations)
 
-        return minimize_cagrad_dual(k, b, phi, iterations=self.iterations)
+    def _dual_problem(self, gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``K = G Gᵀ``, ``b = K1 = T G g₀`` and ``φ = c√(1ᵀK1) = T c‖g₀‖``: the dual times ``T`` (its solution
+        does not depend on the scale of the problem)."""
+        b = gram.sum(dim=-1)
+        return gram, b, (b.sum(dim=-1, keepdim=True).clamp_min(0) * self.c**2).sqrt()
 
     def weights(self, gram: Tensor, context: Context) -> Tensor:
         tasks = gram.shape[-1]
-        w = self.dual_weights(gram)
-        g0_norm = gram.mean(dim=(-2, -1)).clamp_min(0).sqrt().unsqueeze(-1)
-        gw_norm = ((gram @ w.unsqueeze(-1)).squeeze(-1) * w).sum(dim=-1, keepdim=True).clamp_min(0).sqrt()
-        lam = safe_divide(self.c * g0_norm, gw_norm)
-        weights = 1.0 / tasks + lam * w
+        k, b, phi = self._dual_problem(gram)
+        w = minimize_cagrad_dual(k, b, phi, iterations=self.iterations)
+        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
+        factor = (float(tasks) if self.scale == "sum" else 1.0) / (divisor * tasks)
+        # d = g₀ + (c‖g₀‖/‖g_w‖) g_w = (1 + (φ/‖g_w‖) w)ᵀG / T, times the rescale and scale factor.
+        gw_squared = ((w.unsqueeze(-2) @ k).squeeze(-2) * w).sum(dim=-1, keepdim=True)
+        weights = torch.addcmul(torch.full_like(w, factor), phi * gw_squared.rsqrt(), w, value=factor)
         # Degenerate case: 0 lies in the convex hull and the dual optimum is g_w* = 0 (value 0), so the
         # unit vector g_w/‖g_w‖ is undefined (the solver leaves a rounding-level g_w). The primal is then
         # solved by any d in the ball that conflicts with no task: d = 0 when the ball contains it
-        # (c ≥ 1), else d = g₀ (0 on the boundary of the hull). Decided on the device, without a sync.
-        scale = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1, keepdim=True).clamp_min(0).sqrt()
-        degenerate = gw_norm <= _DEGENERATE_RTOL * scale
-        fallback = torch.full_like(weights, 0.0 if self.c >= 1 else 1.0 / tasks)
-        weights = torch.where(degenerate, fallback, weights)
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        multiplier = float(tasks) if self.scale == "sum" else 1.0
-        return weights * (multiplier / divisor)
+        # (c ≥ 1), else d = g₀ (0 on the boundary of the hull). Decided on the device, without a sync, with
+        # ‖g_w‖ relative to the typical gradient norm √(mean diag K).
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, keepdim=True)
+        degenerate = gw_squared <= trace * (_DEGENERATE_RTOL**2 / tasks)
+        return torch.where(degenerate, 0.0 if self.c >= 1 else factor, weights)

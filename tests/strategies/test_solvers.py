@@ -1,9 +1,7 @@
 """The simplex solvers: the CAGrad dual (exact active-set formula and its large-``T`` path) against SciPy's
-SLSQP, the Euclidean projection onto the simplex and the projected-gradient solver."""
+SLSQP and against the enumeration of every face, and the Euclidean projection onto the simplex."""
 
 from __future__ import annotations
-
-import itertools
 
 import numpy as np
 import pytest
@@ -12,21 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from gradsurg.strategies import solvers
 from gradsurg.strategies.cagrad import CAGrad
 from gradsurg.strategies.solvers import (
     EXACT_MAX_TASKS,
     minimize_cagrad_dual,
-    minimize_on_simplex,
     project_simplex,
     simplex_faces,
 )
-from tests.hyp import generic_matrices, rank_deficient, separated_from_zero
+from tests.hyp import generic_matrices, matrices_with_zero_rows, rank_deficient, separated_from_zero
 
 optimize = pytest.importorskip("scipy.optimize")
 
 _TASKS = st.integers(2, 16)
 _WIDTH = st.integers(17, 24)  # more columns than tasks: a generic Gram matrix is positive definite
-_ITERATIONS = CAGrad().iterations  # the default the strategy uses above EXACT_MAX_TASKS
+_ITERATIONS = CAGrad().iterations  # the default the strategy uses above EXACT_MAX_TASKS (None: T steps)
 
 
 def _problem(grads: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -81,7 +79,7 @@ def test_direction_matches_slsqp_on_generic_inputs(grads: Tensor, c: float) -> N
 
 
 @settings(max_examples=25)
-@given(grads=rank_deficient(tasks=st.integers(3, 12), dtype=st.just(torch.float64)), c=st.sampled_from([0.4, 2.0]))
+@given(grads=rank_deficient(tasks=st.integers(3, 24), dtype=st.just(torch.float64)), c=st.sampled_from([0.4, 2.0]))
 def test_objective_no_worse_than_slsqp_when_rank_deficient(grads: Tensor, c: float) -> None:
     k, b, phi = _problem(grads, c)
     ours = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS)
@@ -94,11 +92,49 @@ def test_objective_no_worse_than_slsqp_when_rank_deficient(grads: Tensor, c: flo
 @pytest.mark.parametrize("tasks", [4, EXACT_MAX_TASKS + 2])
 def test_batched_solution_equals_one_at_a_time(tasks: int) -> None:
     generator = torch.Generator().manual_seed(tasks)
-    problems = [_problem(torch.randn(tasks, 3 * tasks, generator=generator), 0.5) for _ in range(3)]
-    k, b, phi = (torch.stack(parts) for parts in zip(*problems))
-    batched = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS)
+    problems = [_problem(torch.randn(tasks, 3 * tasks, generator=generator), 0.5) for _ in range(6)]
+    k, b, phi = (torch.stack(parts).unflatten(0, (2, 3)) for parts in zip(*problems))  # two leading dimensions
+    batched = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS).flatten(0, 1)
     for index, (ki, bi, phii) in enumerate(problems):
         torch.testing.assert_close(batched[index], minimize_cagrad_dual(ki, bi, phii, iterations=_ITERATIONS))
+
+
+def _enumerated(k: Tensor, b: Tensor, phi: Tensor) -> Tensor:
+    """The solution of the exact enumeration of every face, whatever ``T`` (slow above 12 tasks)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solvers, "EXACT_MAX_TASKS", k.shape[-1])
+        return minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS)
+
+
+@settings(max_examples=25)
+@given(
+    grads=separated_from_zero(tasks=st.integers(EXACT_MAX_TASKS + 1, 13), width=_WIDTH, dtype=st.just(torch.float64)),
+    c=st.sampled_from([0.1, 0.4, 0.8, 2.0]),
+)
+def test_above_the_threshold_the_active_set_reaches_the_optimum_of_every_face(grads: Tensor, c: float) -> None:
+    """Above EXACT_MAX_TASKS the warm start and active-set steps land on the optimum the enumeration finds."""
+    k, b, phi = _problem(grads, c)
+    ours, exact = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS), _enumerated(k, b, phi)
+    kn, bn = k.numpy(), b.numpy()
+    assert _objective(ours.numpy(), kn, bn, float(phi)) <= _objective(exact.numpy(), kn, bn, float(phi)) + 1e-12
+    torch.testing.assert_close(_direction(grads, ours, c), _direction(grads, exact, c), rtol=1e-9, atol=0)
+
+
+@settings(max_examples=25)
+@given(
+    pair=matrices_with_zero_rows(
+        generic_matrices(tasks=st.integers(9, 11), width=st.integers(1, 12)), st.integers(1, 3)
+    ),
+    c=st.sampled_from([0.0, 0.4, 2.0]),
+)
+def test_above_the_threshold_degenerate_inputs_stay_on_the_simplex(pair: tuple[Tensor, Tensor], c: float) -> None:
+    """Zero rows, all-zero matrices, rank-deficient K and c = 0: a point of the simplex, near the optimum."""
+    k, b, phi = _problem(pair[0].double(), c)
+    ours = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS)
+    _assert_on_simplex(ours)
+    kn, bn = k.numpy(), b.numpy()
+    found = _objective(ours.numpy(), kn, bn, float(phi))
+    assert found <= _objective(_enumerated(k, b, phi).numpy(), kn, bn, float(phi)) + 1e-6
 
 
 def test_faces_enumerate_every_nonempty_subset_once() -> None:
@@ -115,7 +151,7 @@ def test_cagrad_weights_use_the_exact_solver_below_the_threshold() -> None:
     torch.testing.assert_close(strategy(grads), expected, rtol=1e-6, atol=1e-9)
 
 
-# ---------------------------------------------------------------------------------- projection and projected gradient
+# ------------------------------------------------------------------------------------------------------- projection
 _VECTORS = generic_matrices(tasks=st.integers(1, 4), width=st.integers(1, 8), dtype=st.just(torch.float64))
 
 
@@ -141,26 +177,3 @@ def test_projection_is_idempotent_and_batched(v: Tensor) -> None:
     torch.testing.assert_close(project_simplex(p), p, rtol=0, atol=1e-12)
     for row, projected in zip(v, p):
         torch.testing.assert_close(project_simplex(row), projected, rtol=0, atol=0)
-
-
-@given(target=generic_matrices(tasks=st.integers(1, 3), width=st.integers(2, 6), dtype=st.just(torch.float64)))
-def test_projected_gradient_finds_the_projection_and_never_increases(target: Tensor) -> None:
-    """min ‖w − t‖² over Δ is P(t); the objective does not increase from one iteration count to the next."""
-
-    def objective(points: Tensor) -> Tensor:
-        return ((points - target.unsqueeze(-2)) ** 2).sum(dim=-1)
-
-    def gradient(point: Tensor) -> Tensor:
-        return 2 * (point - target)
-
-    start = torch.full_like(target, 1.0 / target.shape[-1])
-    steps = torch.logspace(-3, 1, 9, dtype=torch.float64)
-    points = [minimize_on_simplex(objective, gradient, start, iterations=k, steps=steps) for k in (0, 1, 2, 5, 100)]
-    values = [objective(w.unsqueeze(-2)).squeeze(-1) for w in points]
-    for before, after in itertools.pairwise(values):
-        assert bool((after <= before).all())
-    _assert_on_simplex(points[-1])
-    # The line search compares objective values f ≈ f* + ‖w − w*‖², which cannot tell points apart closer
-    # than √(eps·f*): about 1e-8 times the size of the target.
-    tolerance = 1e-7 * (1 + float(target.abs().max()))
-    torch.testing.assert_close(points[-1], project_simplex(target), rtol=0, atol=tolerance)
