@@ -78,11 +78,12 @@ def test_direction_matches_slsqp_on_generic_inputs(grads: Tensor, c: float) -> N
     assert _objective(ours.numpy(), kn, bn, float(phi)) <= _objective(reference.numpy(), kn, bn, float(phi)) + 1e-12
 
 
+@pytest.mark.parametrize("stop_early", [True, False], ids=["early-stop", "all-steps"])
 @settings(max_examples=25)
 @given(grads=rank_deficient(tasks=st.integers(3, 24), dtype=st.just(torch.float64)), c=st.sampled_from([0.4, 2.0]))
-def test_objective_no_worse_than_slsqp_when_rank_deficient(grads: Tensor, c: float) -> None:
+def test_objective_no_worse_than_slsqp_when_rank_deficient(grads: Tensor, c: float, stop_early: bool) -> None:
     k, b, phi = _problem(grads, c)
-    ours = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS)
+    ours = minimize_cagrad_dual(k, b, phi, iterations=_ITERATIONS, stop_early=stop_early)
     kn, bn = k.numpy(), b.numpy()
     found = _objective(ours.numpy(), kn, bn, float(phi))
     # rank-deficient faces are solved with a tiny ridge: near g_w = 0 the objective is within ~sqrt(ridge)
@@ -118,6 +119,25 @@ def test_above_the_threshold_the_active_set_reaches_the_optimum_of_every_face(gr
     kn, bn = k.numpy(), b.numpy()
     assert _objective(ours.numpy(), kn, bn, float(phi)) <= _objective(exact.numpy(), kn, bn, float(phi)) + 1e-12
     torch.testing.assert_close(_direction(grads, ours, c), _direction(grads, exact, c), rtol=1e-9, atol=0)
+
+
+@settings(max_examples=25)
+@given(
+    grads=st.one_of(
+        separated_from_zero(tasks=st.integers(EXACT_MAX_TASKS + 1, 20), width=_WIDTH, dtype=st.just(torch.float64)),
+        rank_deficient(tasks=st.integers(EXACT_MAX_TASKS + 1, 20), dtype=st.just(torch.float64)),
+    ),
+    c=st.sampled_from([0.1, 0.4, 2.0]),
+)
+def test_early_stop_ends_at_the_optimum_of_all_steps(grads: Tensor, c: float) -> None:
+    """The CPU early stop (optimality conditions to 1e-10 of max|b| + φ√(max diag K)) loses nothing against
+    running every step, as a device run does."""
+    k, b, phi = _problem(grads, c)
+    early = minimize_cagrad_dual(k, b, phi, stop_early=True)
+    full = minimize_cagrad_dual(k, b, phi, stop_early=False)
+    kn, bn = k.numpy(), b.numpy()
+    scale = float(b.abs().max() + phi * k.diagonal().max().sqrt())
+    assert _objective(early.numpy(), kn, bn, float(phi)) <= _objective(full.numpy(), kn, bn, float(phi)) + 1e-9 * scale
 
 
 @settings(max_examples=25)
