@@ -47,23 +47,36 @@ def simplex_faces(tasks: int, device: torch.device | None = None) -> Tensor:
     return (codes >> torch.arange(tasks, device=device)) & 1
 
 
+class _Identity(NamedTuple):
+    """Constants of the solves, built once per ``(T, dtype, device)`` and only ever read."""
+
+    eye: Tensor  # I, [T, T]: the vertices, and the identity rows off a face
+    ridge: Tensor  # 1 + 1000·eps·I, [T, T]: K ⊙ ridge raises the diagonal of K by 1000·eps relative
+    one: Tensor  # 1, 0-d
+
+
+@functools.lru_cache(maxsize=32)
+def _identity(tasks: int, dtype: torch.dtype, device: torch.device) -> _Identity:
+    """:class:`_Identity` for ``T = tasks``."""
+    eye = torch.eye(tasks, dtype=dtype, device=device)
+    return _Identity(eye, 1 + _RIDGE * torch.finfo(dtype).eps * eye, torch.ones((), dtype=dtype, device=device))
+
+
 class _AllFaces(NamedTuple):
     """Constants of the enumeration of every face ``S`` of the simplex (masks ``m``), built once per
     ``(T, dtype, device)`` and only ever read."""
 
     masks: Tensor  # m as columns, [F, T, 1]
-    inside: Tensor  # (m mᵀ) ⊙ (1 + ridge·I): K ⊙ inside is K_S with its ridged diagonal, zero elsewhere, [F, T, T]
+    inside: Tensor  # (m mᵀ) ⊙ ridge: K ⊙ inside is K_S with its ridged diagonal, zero elsewhere, [F, T, T]
     outside: Tensor  # diag(1 − m): the identity off the face, [F, T, T]
-    eye: Tensor  # I, the vertices, [T, T]
 
 
 @functools.lru_cache(maxsize=32)
 def _all_faces(tasks: int, dtype: torch.dtype, device: torch.device) -> _AllFaces:
     """:class:`_AllFaces` for ``T = tasks``."""
     masks = simplex_faces(tasks, device).to(dtype)
-    eye = torch.eye(tasks, dtype=dtype, device=device)
-    inside = masks.unsqueeze(-1) * masks.unsqueeze(-2) * (1 + _RIDGE * torch.finfo(dtype).eps * eye)
-    return _AllFaces(masks.unsqueeze(-1), inside, torch.diag_embed(1 - masks), eye)
+    inside = masks.unsqueeze(-1) * masks.unsqueeze(-2) * _identity(tasks, dtype, device).ridge
+    return _AllFaces(masks.unsqueeze(-1), inside, torch.diag_embed(1 - masks))
 
 
 class _Stationary(NamedTuple):
@@ -164,7 +177,7 @@ def minimize_cagrad_dual(
 
 def _enumerate_faces(k: Tensor, b: Tensor, phi: Tensor) -> Tensor:
     """The exact minimiser: the best of every face's stationary point with ``w ≥ 0`` and the vertices."""
-    faces = _all_faces(k.shape[-1], k.dtype, k.device)
+    faces, eye = _all_faces(k.shape[-1], k.dtype, k.device), _identity(k.shape[-1], k.dtype, k.device).eye
     system = torch.addcmul(faces.outside, k.unsqueeze(-3), faces.inside)
     stationary = _stationary(system, faces.masks, _ones_b(b), phi * phi)
     p, q = stationary.solution.unbind(-1)
@@ -173,7 +186,7 @@ def _enumerate_faces(k: Tensor, b: Tensor, phi: Tensor) -> Tensor:
     feasible = points.amin(dim=-1, keepdim=True) >= -(torch.finfo(k.dtype).eps ** 0.5)
     points = points.clamp_min(0)
     points = torch.where(feasible, points / points.sum(dim=-1, keepdim=True), float("nan"))
-    candidates = torch.cat([points, faces.eye.expand(*b.shape[:-1], *faces.eye.shape)], dim=-2)
+    candidates = torch.cat([points, eye.expand(*b.shape[:-1], *eye.shape)], dim=-2)
     return _best(candidates, _values(candidates, k, b, phi)[2]).squeeze(-2)
 
 
@@ -194,10 +207,9 @@ def _active_set(k: Tensor, b: Tensor, phi: Tensor, start: Tensor, iterations: in
     """
     tasks = k.shape[-1]
     info = torch.finfo(k.dtype)
-    eye = torch.eye(tasks, dtype=k.dtype, device=k.device)
-    ridged = (k * (1 + _RIDGE * info.eps * eye)).unsqueeze(-3)
+    eye, ridge, one = _identity(tasks, k.dtype, k.device)
+    ridged = (k * ridge).unsqueeze(-3)
     ones_b, phi_squared, b_row = _ones_b(b), phi * phi, b.unsqueeze(-2)
-    one = torch.ones((), dtype=k.dtype, device=k.device)
     w = start.unsqueeze(-2)  # the iterate as a row, [..., 1, T]
     kw, quadratic, value = _values(w, k, b, phi)  # [..., 1, T], [..., 1], [..., 1]
     guess = torch.ones_like(w, dtype=torch.bool)
